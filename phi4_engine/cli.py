@@ -1,0 +1,129 @@
+"""``phi4-engine`` command line (contract in DESIGN.md).
+
+Exit codes: 0 success; 2 usage or spec error; other non-zero with a one-line reason. Expected
+user errors never print a Python traceback (set PHI4_ENGINE_DEBUG=1 to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from phi4_engine.errors import EngineError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="phi4-engine", description="Train a Phi-4-style model through the whole recipe.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a spec's stages (skips finished ones, resumes the interrupted one)")
+    run.add_argument("spec")
+    run.add_argument("--run-dir", help="run directory (default: runs/<spec name>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V", help="override a spec field, e.g. stages.pretrain.steps=50")
+    run.add_argument("--stages", help="comma-separated stage names to run")
+    run.add_argument("--nproc", type=int, default=1, help="processes on this node (launched through torchrun)")
+
+    validate = sub.add_parser("validate", help="check a spec against the installed plugins")
+    validate.add_argument("spec")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+
+    plugins = sub.add_parser("plugins", help="list installed plugins, their hooks and kinds")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sub.add_parser("stages", help="list stage kinds")
+    sub.add_parser("schema", help="print the JSON Schema of specs (with plugin kinds)")
+    return parser
+
+
+def _engine(spec: str, overrides: list[str], run_dir: str | None = None):
+    from phi4_engine.engine import Engine
+
+    return Engine.from_file(spec, overrides=overrides, run_dir=run_dir)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    engine = _engine(args.spec, args.overrides)
+    spec = engine.validate()
+    kinds = ", ".join(f"{s.name} ({s.kind})" for s in spec.stages)  # type: ignore[attr-defined]
+    print(f"{args.spec}: ok — {spec.name}: {kinds}")
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from phi4_engine.engine import Engine
+
+    infos = Engine({"name": "plugins", "stages": []}).plugins()
+    if args.json:
+        print(json.dumps([info.__dict__ for info in infos], indent=2))
+        return 0
+    for info in infos:
+        kinds = "; ".join(f"{cat}: {', '.join(k)}" for cat, k in info.kinds.items()) or "-"
+        print(f"{info.name:<14} {info.distribution} {info.version:<8} {kinds}")
+        print(f"{'':<14} hooks: {', '.join(info.hooks)}")
+    return 0
+
+
+def _cmd_stages(args: argparse.Namespace) -> int:
+    from phi4_engine.engine import Engine
+
+    engine = Engine({"name": "stages", "stages": []})
+    for kind, reg in engine.registry.kinds["stage"].items():
+        doc = (reg.spec_model.__doc__ or "").strip().splitlines()[0] if reg.spec_model.__doc__ else ""
+        print(f"{kind:<12} {reg.origin.name:<10} {doc}")
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from phi4_engine.engine import Engine
+
+    print(json.dumps(Engine({"name": "schema", "stages": []}).schema(), indent=2))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    if args.nproc != 1:
+        raise EngineError("--nproc > 1 (torchrun launch) is not available in this version yet")
+    engine = _engine(args.spec, args.overrides, args.run_dir)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    result = engine.run(stages)
+    _print_summary(result)
+    return 0
+
+
+def _print_summary(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"run {result.run_dir}")
+    for column in ("stage", "status", "steps", "tokens", "loss first → last"):
+        table.add_column(column)
+    for name, stage in result.stages.items():
+        m = stage.metrics
+        first, last = m.get("loss_first"), m.get("loss_last")
+        loss = f"{first:.3f} → {last:.3f}" if first is not None and last is not None else "-"
+        table.add_row(name, stage.status, str(stage.summary.get("steps", "-")), str(stage.summary.get("tokens", "-")), loss)
+    Console(file=sys.stderr).print(table)
+
+
+COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "plugins": _cmd_plugins, "stages": _cmd_stages, "schema": _cmd_schema}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except EngineError as exc:
+        if os.environ.get("PHI4_ENGINE_DEBUG") == "1":
+            raise
+        print(f"phi4-engine: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("phi4-engine: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""The Engine: load a spec, resolve its plugins, validate, and run its stages in order.
+
+Notebook use::
+
+    engine = Engine.from_file("specs/tiny.json", overrides={"stages.pretrain.steps": 50})
+    engine.validate()
+    result = engine.run()            # or engine.run_stage("pretrain")
+    result.stages["pretrain"].metrics
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import orjson
+
+from phi4_engine.errors import EngineError, SpecError
+from phi4_engine.manager import PluginHost, Registry
+from phi4_engine.rundir import RunDir, now
+from phi4_engine.spec import CompiledSpec, RunSpec
+from phi4_engine.spec.load import apply_override, canonical_json, load_with_extends, sha256_of
+from phi4_engine.stage import StageContext
+
+
+@dataclass
+class StageResult:
+    name: str
+    kind: str
+    status: str
+    """``done`` (ran now), ``skipped`` (already finished in this run dir)."""
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.summary.get("metrics", {})
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    spec_sha256: str
+    stages: dict[str, StageResult] = field(default_factory=dict)
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    distribution: str
+    version: str
+    hooks: list[str]
+    kinds: dict[str, list[str]]
+
+
+class Engine:
+    """One run spec plus one plugin manager. Cheap to build; nothing runs until ``run``."""
+
+    def __init__(
+        self,
+        spec: Mapping[str, Any],
+        *,
+        origin: str = "<spec>",
+        base_dir: str | os.PathLike[str] = ".",
+        run_dir: str | os.PathLike[str] | None = None,
+        plugins: Iterable[Any] = (),
+    ) -> None:
+        self.raw_spec: dict[str, Any] = orjson.loads(orjson.dumps(dict(spec)))
+        self.origin = origin
+        self.base_dir = str(base_dir)
+        self.host = PluginHost(tuple(plugins))
+        self.registry: Registry = self.host.collect_registry()
+        self.compiled = CompiledSpec(
+            {c: {k: r.spec_model for k, r in regs.items()} for c, regs in self.registry.kinds.items()}
+        )
+        self._run_dir = run_dir
+        self._validated: RunSpec | None = None
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        overrides: Mapping[str, Any] | Iterable[str] | None = None,
+        run_dir: str | os.PathLike[str] | None = None,
+        plugins: Iterable[Any] = (),
+    ) -> "Engine":
+        """Load a spec file (following ``extends``) and apply ``overrides``.
+
+        ``overrides`` is either ``{"stages.sft.lr": 2e-5}`` or CLI-style ``["stages.sft.lr=2e-5"]``.
+        """
+        path = Path(path)
+        data = load_with_extends(path)
+        if overrides:
+            items = (
+                [f"{k}={orjson.dumps(v).decode()}" for k, v in overrides.items()]
+                if isinstance(overrides, Mapping)
+                else list(overrides)
+            )
+            for assignment in items:
+                apply_override(data, assignment, origin=f"{path}: --set")
+        return cls(data, origin=str(path), base_dir=path.resolve().parent, run_dir=run_dir, plugins=plugins)
+
+    # -- inspection -------------------------------------------------------------------------
+
+    def validate(self, *, check_files: bool = True) -> RunSpec:
+        """Validate the spec against this engine's plugins; raises SpecError (one line)."""
+        if self._validated is None:
+            self._validated = self.compiled.validate(
+                self.raw_spec, origin=self.origin, base_dir=self.base_dir, check_files=check_files
+            )
+        return self._validated
+
+    @property
+    def spec(self) -> RunSpec:
+        return self.validate()
+
+    def resolved_spec(self) -> dict[str, Any]:
+        return self.validate().model_dump(mode="json")
+
+    def plugins(self) -> list[PluginInfo]:
+        return [PluginInfo(**d) for d in self.host.describe(self.registry)]
+
+    def schema(self) -> dict[str, Any]:
+        return self.compiled.json_schema()
+
+    @property
+    def run_dir(self) -> RunDir:
+        path = self._run_dir or Path("runs") / self.validate().name
+        return RunDir(path)
+
+    # -- running ----------------------------------------------------------------------------
+
+    def run(self, stages: Iterable[str] | None = None) -> RunResult:
+        """Run every stage not finished yet (or only ``stages``), in spec order."""
+        spec = self.validate()
+        selected = list(stages) if stages is not None else None
+        names = [s.name for s in spec.stages]  # type: ignore[attr-defined]
+        for name in selected or []:
+            if name not in names:
+                raise SpecError(f"{self.origin}: --stages: no stage named {name!r} (stages: {', '.join(names)})")
+
+        resolved = self.resolved_spec()
+        sha = sha256_of(resolved)
+        rundir = self.run_dir
+        rundir.check_identity(resolved, self.origin)
+        rundir.write_spec(resolved, canonical_json(resolved), sha)
+        ledger = rundir.read_ledger()
+        ledger.update(
+            spec_sha256=sha,
+            spec_name=spec.name,
+            plugins={p.name: f"{p.distribution} {p.version}" for p in self.plugins()},
+        )
+        ledger.setdefault("stages", {})
+        rundir.write_ledger(ledger)
+
+        self.host.notify("phi4_run_start", run_dir=str(rundir.path), spec=resolved)
+        result = RunResult(run_dir=str(rundir.path), spec_sha256=sha)
+        tokenizer = self.registry.build("tokenizer", spec.tokenizer)
+        previous_checkpoint: str | None = None
+        invalidated = False
+        current: str | None = None
+        last_selected = max(names.index(n) for n in selected) if selected else len(names) - 1
+        try:
+            for stage_spec in spec.stages[: last_selected + 1]:
+                name, kind = stage_spec.name, stage_spec.kind  # type: ignore[attr-defined]
+                entry = ledger["stages"].get(name, {})
+                finished = entry.get("status") == "done" and rundir.stage_dir(name).is_dir()
+                if entry.get("status") == "done" and not finished:
+                    invalidated = True  # its folder was deleted: re-run it and everything after
+                if finished and not invalidated:
+                    previous_checkpoint = entry.get("final_checkpoint")
+                    result.stages[name] = StageResult(name, kind, "skipped", entry)
+                    continue
+                if invalidated and entry:
+                    ledger["stages"][name] = {"status": "invalidated", "kind": kind}
+                if selected is not None and name not in selected:
+                    if entry.get("status") != "done" or invalidated:
+                        raise EngineError(
+                            f"stage {name!r} must run before the selected ones but is not finished; "
+                            f"add it to --stages"
+                        )
+                    continue
+                current = name
+                summary = self._run_one(rundir, ledger, stage_spec, tokenizer, previous_checkpoint)
+                previous_checkpoint = summary.get("final_checkpoint")
+                result.stages[name] = StageResult(name, kind, "done", summary)
+                invalidated = invalidated or entry.get("status") == "done"
+        except BaseException as exc:
+            self.host.notify("phi4_run_error", run_dir=str(rundir.path), stage=current, error=exc)
+            raise
+        return result
+
+    def run_stage(self, name: str) -> StageResult:
+        """Run one stage (the ones before it must be finished in this run dir)."""
+        return self.run([name]).stages[name]
+
+    def _run_one(self, rundir: RunDir, ledger: dict[str, Any], stage_spec: Any, tokenizer: Any, init: str | None) -> dict[str, Any]:
+        name, kind = stage_spec.name, stage_spec.kind
+        stage_dir = rundir.stage_dir(name)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        ledger["stages"][name] = {
+            **ledger["stages"].get(name, {}),
+            "status": "running",
+            "kind": kind,
+            "started": now(),
+            "init_checkpoint": init,
+        }
+        rundir.write_ledger(ledger)
+        ctx = StageContext(
+            run_dir=str(rundir.path),
+            stage_name=name,
+            spec=self.validate(),
+            stage_spec=stage_spec,
+            registry=self.registry,
+            tokenizer=tokenizer,
+            init_checkpoint=init,
+            notify=self.host.notify,
+            extra={"spec_dir": self.base_dir},
+        )
+        runner = self.registry.build("stage", stage_spec, ctx)
+        try:
+            summary = runner.run()
+        except BaseException:
+            ledger["stages"][name].update(status="failed", finished=now())
+            rundir.write_ledger(ledger)
+            raise
+        ledger["stages"][name].update(status="done", finished=now(), **summary)
+        rundir.write_ledger(ledger)
+        self.host.notify("phi4_stage_end", run_dir=str(rundir.path), stage=name, stage_dir=str(stage_dir), summary=summary)
+        return ledger["stages"][name]

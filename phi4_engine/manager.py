@@ -1,0 +1,232 @@
+"""One pluggy PluginManager per Engine, and the registry of kinds its plugins register.
+
+Load order: built-in plugins (the modules below, also listed in the ``phi4_engine`` entry-point
+group), then third-party entry points, then objects passed to ``Engine(plugins=[...])``; then
+``check_pending()`` so a misspelt hook fails at start. Environment switches:
+
+* ``PHI4_ENGINE_LOAD_PLUGINS=a,b`` loads only these third-party plugins (empty: none);
+* ``PHI4_ENGINE_DISABLE_PLUGINS=a,b`` skips these plugins, built-in or not;
+* ``PHI4_ENGINE_TRACE_PLUGINS=1`` prints every hook call and result to stderr.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import os
+import sys
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable
+
+import pluggy
+from pydantic import BaseModel
+
+from phi4_engine import __version__, hookspecs
+from phi4_engine.errors import PluginError
+
+GROUP = "phi4_engine"
+DISTRIBUTION = "phi4-engine"
+
+BUILTIN_PLUGINS: dict[str, str] = {
+    "tokenizers": "phi4_engine.plugins.tokenizers",
+    "jsonl": "phi4_engine.plugins.jsonl",
+    "synthetic": "phi4_engine.plugins.synthetic",
+    "schedulers": "phi4_engine.plugins.schedulers",
+    "losses": "phi4_engine.plugins.losses",
+    "parallelism": "phi4_engine.plugins.parallelism",
+    "loggers": "phi4_engine.plugins.loggers",
+    "stages": "phi4_engine.stages",
+}
+
+# registration hook name -> registry category
+REGISTRATION_HOOKS: dict[str, str] = {
+    "phi4_register_stages": "stage",
+    "phi4_register_data_sources": "data_source",
+    "phi4_register_tokenizers": "tokenizer",
+    "phi4_register_losses": "loss",
+    "phi4_register_schedulers": "scheduler",
+    "phi4_register_parallelisms": "parallelism",
+    "phi4_register_judges": "judge",
+    "phi4_register_verifiers": "verifier",
+}
+CATEGORIES = tuple(REGISTRATION_HOOKS.values())
+
+
+@dataclass(frozen=True)
+class PluginOrigin:
+    name: str
+    distribution: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"plugin {self.name!r} ({self.distribution} {self.version})"
+
+
+@dataclass(frozen=True)
+class Registration:
+    category: str
+    kind: str
+    spec_model: type[BaseModel]
+    factory: Callable[..., Any]
+    origin: PluginOrigin
+
+
+@dataclass
+class Registry:
+    """Kinds per category, each remembering which plugin registered it."""
+
+    kinds: dict[str, dict[str, Registration]] = field(
+        default_factory=lambda: {c: {} for c in CATEGORIES}
+    )
+
+    def add(self, reg: Registration) -> None:
+        existing = self.kinds[reg.category].get(reg.kind)
+        if existing is not None:
+            raise PluginError(
+                f"{reg.category} kind {reg.kind!r} is registered twice: by {existing.origin} "
+                f"and by {reg.origin}"
+            )
+        self.kinds[reg.category][reg.kind] = reg
+
+    def get(self, category: str, kind: str) -> Registration:
+        try:
+            return self.kinds[category][kind]
+        except KeyError:
+            known = ", ".join(sorted(self.kinds[category])) or "none"
+            raise PluginError(f"no {category} kind {kind!r} is registered (known: {known})") from None
+
+    def build(self, category: str, spec: BaseModel, *args: Any) -> Any:
+        """Call the factory registered for ``spec.kind``, naming the plugin if it fails."""
+        reg = self.get(category, spec.kind)  # type: ignore[attr-defined]
+        try:
+            return reg.factory(spec, *args)
+        except (PluginError,):
+            raise
+        except Exception as exc:
+            from phi4_engine.errors import EngineError
+
+            if isinstance(exc, EngineError):
+                raise
+            raise PluginError(
+                f"{reg.origin} failed to build {category} {reg.kind!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def _env_list(name: str) -> list[str] | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _origin_of(ep: md.EntryPoint) -> PluginOrigin:
+    dist = ep.dist
+    if dist is None:
+        return PluginOrigin(ep.name, "unknown", "unknown")
+    return PluginOrigin(ep.name, dist.metadata["Name"], dist.version)
+
+
+class PluginHost:
+    """The PluginManager of one Engine, plus where each plugin came from."""
+
+    def __init__(self, extra_plugins: tuple[Any, ...] = ()) -> None:
+        self.pm = pluggy.PluginManager(GROUP)
+        self.pm.add_hookspecs(hookspecs)
+        self.origins: dict[str, PluginOrigin] = {}
+        disabled = set(_env_list("PHI4_ENGINE_DISABLE_PLUGINS") or [])
+        allowed = _env_list("PHI4_ENGINE_LOAD_PLUGINS")
+
+        for name, module_name in BUILTIN_PLUGINS.items():
+            if name in disabled:
+                continue
+            origin = PluginOrigin(name, DISTRIBUTION, __version__)
+            self._register(self._import(module_name, origin), origin)
+
+        for ep in sorted(md.entry_points(group=GROUP), key=lambda e: e.name):
+            origin = _origin_of(ep)
+            if origin.distribution == DISTRIBUTION:
+                continue  # built-ins were registered above, in a fixed order
+            if ep.name in disabled or (allowed is not None and ep.name not in allowed):
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                raise PluginError(f"{origin} failed to import: {type(exc).__name__}: {exc}") from exc
+            self._register(plugin, origin)
+
+        for obj in extra_plugins:
+            name = getattr(obj, "__name__", None) or type(obj).__name__
+            self._register(obj, PluginOrigin(name, "object", "-"))
+
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            origin = self.origins.get(self.pm.get_name(exc.plugin) or "", None)
+            raise PluginError(f"{origin or exc.plugin}: {exc}") from exc
+
+        if os.environ.get("PHI4_ENGINE_TRACE_PLUGINS") == "1":
+            self.pm.trace.root.setwriter(sys.stderr.write)
+            self.pm.enable_tracing()
+
+    @staticmethod
+    def _import(module_name: str, origin: PluginOrigin) -> ModuleType:
+        try:
+            return importlib.import_module(module_name)
+        except Exception as exc:
+            raise PluginError(f"{origin} failed to import: {type(exc).__name__}: {exc}") from exc
+
+    def _register(self, plugin: Any, origin: PluginOrigin) -> None:
+        name = origin.name
+        if name in self.origins:
+            raise PluginError(f"two plugins are named {name!r}: {self.origins[name]} and {origin}")
+        try:
+            self.pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"{origin}: {exc}") from exc
+        self.origins[name] = origin
+
+    def collect_registry(self) -> Registry:
+        """Call each registration hook of each plugin once, attributing every kind."""
+        registry = Registry()
+        for hook_name, category in REGISTRATION_HOOKS.items():
+            hook = getattr(self.pm.hook, hook_name)
+            for impl in reversed(hook.get_hookimpls()):  # registration order
+                origin = self.origins[impl.plugin_name]
+
+                def register(kind: str, spec_model: type, factory: Callable[..., Any], *, _o=origin, _c=category) -> None:
+                    registry.add(Registration(_c, kind, spec_model, factory, _o))
+
+                try:
+                    impl.function(register=register)
+                except PluginError:
+                    raise
+                except Exception as exc:
+                    raise PluginError(f"{origin} failed in {hook_name}: {type(exc).__name__}: {exc}") from exc
+        return registry
+
+    def notify(self, hook_name: str, **kwargs: Any) -> None:
+        """Call a lifecycle hook; an exception is re-raised naming the plugin that raised it."""
+        hook = getattr(self.pm.hook, hook_name)
+        for impl in reversed(hook.get_hookimpls()):
+            try:
+                impl.function(**{k: kwargs[k] for k in impl.argnames})
+            except Exception as exc:
+                origin = self.origins.get(impl.plugin_name, impl.plugin_name)
+                raise PluginError(f"{origin} failed in {hook_name}: {type(exc).__name__}: {exc}") from exc
+
+    def describe(self, registry: Registry) -> list[dict[str, Any]]:
+        """Plain data about every plugin: name, distribution, version, hooks, kinds."""
+        out = []
+        for name, origin in self.origins.items():
+            plugin = self.pm.get_plugin(name)
+            hooks = sorted(impl.name for impl in self.pm.get_hookcallers(plugin) or [])
+            kinds: dict[str, list[str]] = {}
+            for category, regs in registry.kinds.items():
+                mine = sorted(k for k, r in regs.items() if r.origin.name == name)
+                if mine:
+                    kinds[category] = mine
+            out.append(
+                {"name": name, "distribution": origin.distribution, "version": origin.version, "hooks": hooks, "kinds": kinds}
+            )
+        return out

@@ -1,0 +1,22 @@
+"""Plain descriptions of LR schedules and parallel layouts, translated in ``phi4_engine.titan``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Linear warm-up to the peak LR, then decay of ``decay_type`` down to ``min_lr_factor``·peak."""
+
+    warmup_steps: int
+    decay_type: str  # "cosine" | "linear" | "none"
+    min_lr_factor: float
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How ranks split the work: FSDP shard degree (-1: all ranks) and tensor-parallel degree."""
+
+    dp_shard: int = -1
+    tp: int = 1

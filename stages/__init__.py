@@ -1,0 +1,15 @@
+"""Built-in stage kinds (installed as ``phi4_engine.stages``), registered like any plugin."""
+
+from __future__ import annotations
+
+from phi4_engine import hookimpl
+
+
+@hookimpl
+def phi4_register_stages(register):
+    from phi4_engine.stages.post_training import STAGE_KINDS, NotRunnableYet
+    from phi4_engine.stages.pretrain import PretrainSpec, PretrainStage
+
+    register("pretrain", PretrainSpec, PretrainStage)
+    for kind, (spec_model, issue) in STAGE_KINDS.items():
+        register(kind, spec_model, lambda spec, ctx, _i=issue: NotRunnableYet(spec, ctx, _i))

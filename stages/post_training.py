@@ -1,0 +1,108 @@
+"""Spec models of the stages after pretrain whose training loops are not built yet.
+
+They validate (so ``specs/full.json`` carries every paper value today) but refuse to run with a
+clear message. Each moves to its own module when its issue lands: midtrain and sft (#4),
+dpo-judge (#5), dpo-pivotal (#6), refusal (#7).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from phi4_engine.errors import EngineError
+from phi4_engine.spec.base import DataSourceRef, SpecModel
+from phi4_engine.stage import StageSpec
+from phi4_engine.training import LMStageSpec
+
+
+class MidtrainSpec(LMStageSpec):
+    """Long-context midtraining: 4K→16K, RoPE base 250K, peak LR ÷10, 30% long / 70% recall."""
+
+    kind: Literal["midtrain"]
+    long_fraction: float = Field(0.3, gt=0, lt=1)
+    """Token share of long documents; the rest is recall data from the pretrain sources."""
+    recall_from: str = "pretrain"
+    """Stage whose data sources provide the recall share."""
+
+
+class SftSpec(LMStageSpec):
+    """Supervised fine-tuning on ChatML conversations, loss on assistant tokens only."""
+
+    kind: Literal["sft"]
+
+
+class PtsSection(SpecModel):
+    """Pivotal Token Search parameters (FACTS.md §4)."""
+
+    rollouts: int = Field(64, ge=1)
+    """Completions sampled per p(success | prefix) estimate (paper figure used 529)."""
+    p_gap: float = Field(0.2, gt=0, le=1)
+    """Minimum change of p(success) for a token to be pivotal."""
+    p_min: float = Field(0.2, ge=0, le=1)
+    p_max: float = Field(0.8, ge=0, le=1)
+    """Only questions with p_min <= p(success | question) <= p_max are searched."""
+    temperature: float = Field(1.0, gt=0)
+
+
+class DpoStageSpec(StageSpec):
+    """Fields common to the DPO stages."""
+
+    pairs: int = Field(ge=1)
+    """Preference pairs to build and train on."""
+    beta: float = Field(0.1, gt=0)
+    """DPO temperature (not given in the paper)."""
+    lr: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
+    seq_len: int = Field(ge=8)
+    epochs: int = Field(1, ge=1)
+    prompts: list[DataSourceRef] = Field(min_length=1)  # type: ignore[valid-type]
+    """Where questions come from."""
+
+
+class DpoPivotalSpec(DpoStageSpec):
+    """DPO round 1: token-level pairs from Pivotal Token Search."""
+
+    kind: Literal["dpo-pivotal"]
+    pts: PtsSection = Field(default_factory=PtsSection)
+
+
+class DpoJudgeSpec(DpoStageSpec):
+    """DPO round 2: whole-response pairs ranked by an LLM judge (accuracy, style, detail)."""
+
+    kind: Literal["dpo-judge"]
+    candidates: int = Field(4, ge=2)
+    """Responses sampled per prompt."""
+
+
+class RefusalSpec(StageSpec):
+    """Hallucination mitigation: refusal SFT then DPO over the first response tokens."""
+
+    kind: Literal["refusal"]
+    sft_steps: int = Field(ge=1)
+    dpo_pairs: int = Field(ge=1)
+    first_tokens: int = Field(5, ge=1)
+    """DPO pairs compare only the first N response tokens, as the paper does."""
+    lr: float = Field(gt=0)
+    questions: list[DataSourceRef] = Field(min_length=1)  # type: ignore[valid-type]
+
+
+class NotRunnableYet:
+    def __init__(self, spec: Any, ctx: Any, issue: int) -> None:
+        self.spec, self.issue = spec, issue
+
+    def run(self) -> dict[str, Any]:
+        raise EngineError(
+            f"stage {self.spec.name!r} (kind {self.spec.kind}) validates but cannot run in this "
+            f"version; its training loop is tracked in issue #{self.issue}"
+        )
+
+
+STAGE_KINDS = {
+    "midtrain": (MidtrainSpec, 4),
+    "sft": (SftSpec, 4),
+    "dpo-pivotal": (DpoPivotalSpec, 6),
+    "dpo-judge": (DpoJudgeSpec, 5),
+    "refusal": (RefusalSpec, 7),
+}

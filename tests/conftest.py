@@ -1,0 +1,66 @@
+"""Shared fixtures: repo paths, a CLI runner, and small spec builders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SPECS = REPO / "specs"
+
+
+@pytest.fixture(autouse=True)
+def _quiet_progress(monkeypatch):
+    monkeypatch.setenv("PHI4_ENGINE_PROGRESS", "0")
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``phi4-engine`` as a user would, in a subprocess."""
+    full_env = {**os.environ, "PHI4_ENGINE_PROGRESS": "0", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "phi4_engine.cli", *args],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def write_spec(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def tiny_pretrain_spec(steps: int = 30, **stage: object) -> dict:
+    """A small, fast pretrain-only spec on the embedded corpus."""
+    return {
+        "version": 1,
+        "name": "test-pretrain",
+        "seed": 0,
+        "model": {"flavor": "debug"},
+        "tokenizer": {"kind": "phi4-mini", "vocab_ranks": 2048},
+        "checkpoint": {"interval": 10, "keep_latest_k": 2},
+        "stages": [
+            {
+                "kind": "pretrain",
+                "steps": steps,
+                "seq_len": 64,
+                "batch_size": 4,
+                "lr": 0.003,
+                "scheduler": {"kind": "warmup-cosine", "warmup_steps": 3},
+                "data": {
+                    "sources": [
+                        {"kind": "synthetic-arithmetic", "name": "math", "num_documents": 300, "weight": 0.5},
+                        {"kind": "synthetic-prose", "name": "prose", "num_documents": 300, "weight": 0.5},
+                    ]
+                },
+                **stage,
+            }
+        ],
+    }
