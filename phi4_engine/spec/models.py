@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from phi4_engine.spec.base import ParallelismRef, SpecModel, StageRef, TokenizerRef
 
@@ -31,7 +31,15 @@ class CheckpointSection(SpecModel):
     interval: int = Field(100, ge=1)
     """Save every N optimizer steps (and always at the last step)."""
     keep_latest_k: int = Field(2, ge=0)
-    """Keep this many newest checkpoints per stage (0 keeps all)."""
+    """Keep this many newest checkpoints per stage (0 keeps all; otherwise at least 2, so the
+    newest complete one survives while the next is being written)."""
+
+    @field_validator("keep_latest_k")
+    @classmethod
+    def _two_or_more(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("must be 0 (keep all) or >= 2: the newest may still be being written")
+        return value
 
 
 class LoggingSection(SpecModel):

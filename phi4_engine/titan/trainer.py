@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import socket
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -246,6 +247,9 @@ def trainer_config(job: LMJob) -> Trainer.Config:
 
 def run_lm(job: LMJob) -> LMResult:
     _ensure_single_process_env()
+    # torch warns that DTensor RNG "may not have complete support on cpu device mesh" when
+    # torchtitan initializes weights on CPU; initialization is seeded and deterministic here.
+    warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
     titan_logger.setLevel(logging.ERROR)
     config = trainer_config(job)
     config.debug.seed = job.seed

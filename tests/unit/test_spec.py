@@ -176,3 +176,16 @@ def test_schema_has_plugin_kinds_and_descriptions():
     for kind in ("synthetic-arithmetic", "jsonl", "pretrain", "phi4-mini", "warmup-cosine"):
         assert f'"{kind}"' in schema
     assert "Share of the mixture's tokens" in schema  # a field docstring became a description
+
+
+def test_spec_flavors_match_the_model_flavors():
+    from phi4_engine.spec.models import MODEL_FLAVORS
+    from phi4_engine.titan.phi4 import FLAVORS
+
+    assert set(MODEL_FLAVORS) == set(FLAVORS)
+
+
+def test_keep_latest_k_of_one_is_rejected(tmp_path):
+    data = tiny_pretrain_spec()
+    data["checkpoint"]["keep_latest_k"] = 1
+    assert "checkpoint.keep_latest_k: must be 0 (keep all) or >= 2" in _error(tmp_path, data)
