@@ -33,6 +33,15 @@ def _parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list installed plugins, their hooks and kinds")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
 
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    prepare = data.add_parser("prepare", help="tokenize a stage's data sources once into memory-mapped token shards")
+    prepare.add_argument("spec")
+    prepare.add_argument("--out", required=True, help="output directory (new or empty; see --force)")
+    prepare.add_argument("--stage", help="stage whose data.sources to prepare (default: the first that has some)")
+    prepare.add_argument("--workers", type=int, help="tokenizer processes (default: the CPU count)")
+    prepare.add_argument("--force", action="store_true", help="replace what --out holds")
+    prepare.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+
     sub.add_parser("stages", help="list stage kinds")
     sub.add_parser("schema", help="print the JSON Schema of specs (with plugin kinds)")
     return parser
@@ -93,6 +102,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    from phi4_engine.data.prepare import prepare
+
+    manifest = prepare(_engine(args.spec, args.overrides), args.out, stage=args.stage, workers=args.workers, force=args.force)
+    for s in manifest["sources"]:
+        print(f"{s['name']}: {s['documents']} documents, {s['tokens']} tokens, {len(s['shards'])} shard(s)")
+    print(f"{args.out}: prepared ({manifest['origin']['stage']})")
+    return 0
+
+
 def _print_summary(result: Any) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -108,7 +127,7 @@ def _print_summary(result: Any) -> None:
     Console(file=sys.stderr).print(table)
 
 
-COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "plugins": _cmd_plugins, "stages": _cmd_stages, "schema": _cmd_schema}
+COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "plugins": _cmd_plugins, "stages": _cmd_stages, "schema": _cmd_schema, "data": _cmd_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,3 +25,9 @@ class DataError(EngineError):
     """Bad input data; the message names file:line."""
 
     exit_code = 3
+
+
+class UsageError(EngineError):
+    """A command-line argument (or its Python API twin) is invalid; nothing was changed."""
+
+    exit_code = 2

@@ -5,7 +5,8 @@ largest deficit ``w_i * total_tokens - tokens_i`` (normalized weights; ties → 
 deterministic, no RNG, and the drawn fractions track the weights to within one document.
 A source that ends restarts at position 0 (its next epoch).
 
-**Packing.** Each document becomes ``encode(text) + [eos]`` appended to one token stream, cut
+**Packing.** Each document becomes ``encode(text) + [eos]`` (or ``tokens + [eos]`` for a
+pre-tokenized document, e.g. from ``shards``) appended to one token stream, cut
 into consecutive chunks of ``seq_len + 1`` tokens; a sample is ``(chunk[:-1], chunk[1:])``.
 Document boundaries stay visible as EOS tokens.
 
@@ -27,8 +28,12 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from phi4_engine.data.positions import document_positions
 from phi4_engine.data.source import DataSource, Document
 from phi4_engine.errors import DataError
+
+IGNORE_INDEX = -100
+"""Label of tokens that are not training targets (torchtitan's CrossEntropyLoss ignores it)."""
 
 _STATE_VERSION = 1
 _PREFETCH = 32
@@ -73,6 +78,7 @@ class MixtureLoader:
         batch_size: int,
         dp_rank: int = 0,
         dp_world_size: int = 1,
+        chat: bool = False,
     ):
         if not sources:
             raise DataError("a mixture needs at least one data source")
@@ -92,10 +98,18 @@ class MixtureLoader:
         self.dp_rank = dp_rank
         self.dp_world_size = dp_world_size
         self._encode_batch = getattr(tokenizer, "encode_batch", None)
+        for src, _ in sources:
+            check = getattr(src, "check_tokenizer", None)  # pre-tokenized sources
+            if check is not None:
+                check(tokenizer)
         self._cursors = [_Cursor(src) for src, _ in sources]
         self._total_tokens = 0
         self._samples = 0  # global index of the next sample to cut
         self._buffer = array("q")  # the token stream not yet cut into samples
+        # Chat mode: records are ChatML conversations and only assistant tokens are trained on;
+        # ``_mask`` runs parallel to ``_buffer`` (1 = the token is a training target).
+        self.chat = chat
+        self._mask = array("b")
 
     # -- drawing documents --------------------------------------------------------------------
 
@@ -142,11 +156,17 @@ class MixtureLoader:
         texts: list[str] = []
         slots: list[int] = []
         for index, doc in docs:
+            if self.chat:
+                entries.append((index, self._encode_conversation(cur, doc)))
+                continue
             if doc.messages is not None:
                 entries.append((index, DataError(
                     f"data source {cur.source.name!r}: document {doc.id} is a chat record (messages); "
                     "LM stages (pretrain, midtrain) take text documents"
                 )))
+                continue
+            if doc.tokens is not None:
+                entries.append((index, _token_array(doc.tokens, self.eos_id)))
                 continue
             if not isinstance(doc.text, str):
                 entries.append((index, DataError(f"data source {cur.source.name!r}: document {doc.id} has no text")))
@@ -166,6 +186,20 @@ class MixtureLoader:
                 entries[slot] = (entries[slot][0], tokens)
         cur._queue.extend(entries)
 
+    def _encode_conversation(self, cur: _Cursor, doc: Document) -> tuple[array, array] | DataError:
+        """ChatML ids and the assistant-token mask, closed by EOS (a packing boundary, no target)."""
+        if doc.messages is None:
+            return DataError(
+                f"data source {cur.source.name!r}: document {doc.id} is plain text; chat stages (sft) "
+                "take chat records (messages)"
+            )
+        ids, mask = self.tokenizer.encode_chat(list(doc.messages))
+        tokens = array("q", ids)
+        tokens.append(self.eos_id)
+        targets = array("b", mask)
+        targets.append(0)
+        return tokens, targets
+
     def _draw(self) -> None:
         """Append the next document (by deficit) to the token stream and update the counters."""
         cur = self._cursors[self._pick()]
@@ -175,6 +209,9 @@ class MixtureLoader:
         if isinstance(ids, BaseException):
             cur._queue.appendleft((index, ids))
             raise ids
+        if isinstance(ids, tuple):
+            ids, mask = ids
+            self._mask.extend(mask)
         if index != cur.position:  # the reader wrapped around to 0: a new epoch begins
             cur.epoch += 1
         cur.position = index + 1
@@ -197,18 +234,28 @@ class MixtureLoader:
         need = chunk * self.batch_size * world
         while len(self._buffer) < need:
             self._draw()
-        buf = self._buffer
+        mine = self._take(self._buffer, need, chunk, "q")
+        data = torch.frombuffer(mine, dtype=torch.int64).view(self.batch_size, chunk)
+        inputs, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+        if self.chat:
+            targets = torch.frombuffer(self._take(self._mask, need, chunk, "b"), dtype=torch.int8).view(self.batch_size, chunk)
+            labels[targets[:, 1:] == 0] = IGNORE_INDEX
+        self._samples += self.batch_size * world
+        # Per-document positions: the model attends within each packed document only.
+        return {"input": inputs, "positions": document_positions(inputs, self.eos_id)}, labels
+
+    def _take(self, buf: array, need: int, chunk: int, typecode: str) -> array:
+        """Cut this rank's samples (global sample k goes to rank k % world) off ``buf``."""
+        world, rank = self.dp_world_size, self.dp_rank
         if world == 1:
             mine = buf[:need]
         else:
-            mine = array("q")
+            mine = array(typecode)
             for j in range(self.batch_size):
                 k = j * world + rank
                 mine += buf[k * chunk:(k + 1) * chunk]
         del buf[:need]
-        self._samples += self.batch_size * world
-        data = torch.frombuffer(mine, dtype=torch.int64).view(self.batch_size, chunk)
-        return {"input": data[:, :-1].contiguous()}, data[:, 1:].contiguous()
+        return mine
 
     # -- state --------------------------------------------------------------------------------
 
@@ -226,6 +273,7 @@ class MixtureLoader:
             "documents": [x.documents for x in c],
             "unique_tokens": [x.unique_tokens for x in c],
             "buffer": self._buffer.tolist(),
+            "mask": self._mask.tolist(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -251,6 +299,7 @@ class MixtureLoader:
         self._total_tokens = int(state["total_tokens"])
         buffer = state["buffer"]
         self._buffer = array("q", [int(t) for t in buffer])
+        self._mask = array("b", [int(t) for t in state.get("mask", [])])
 
     # -- reporting ----------------------------------------------------------------------------
 
@@ -294,6 +343,17 @@ class MixtureLoader:
             if j == 0 or j == len(rows) - 2:
                 lines.append("  ".join("-" * w for w in widths))
         return "\n".join(lines)
+
+
+def _token_array(tokens: Any, eos: int) -> array:
+    """``tokens + [eos]`` as ``array("q")``; a numpy array converts in one copy, not per token."""
+    out = array("q")
+    if hasattr(tokens, "astype"):
+        out.frombytes(tokens.astype("=i8", copy=False).tobytes())
+    else:
+        out.extend(tokens)
+    out.append(eos)
+    return out
 
 
 def _human(n: int) -> str:

@@ -2,17 +2,21 @@
 
 Sources are built by plugin factories (``phi4_register_data_sources``) from a spec model that
 derives from :class:`DataSourceSpec`. The mixture (``phi4_engine.data.mixture``) draws from
-several sources by weight, tokenizes, and packs; a source itself knows nothing of tokens.
+several sources by weight, tokenizes, and packs; a source itself knows nothing of tokens,
+except a pre-tokenized one (``shards``), whose documents carry their ids in ``tokens``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterator, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence, runtime_checkable
 
 from pydantic import Field
 
 from phi4_engine.spec.base import SpecModel
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class DataSourceSpec(SpecModel):
@@ -32,6 +36,9 @@ class SourceContext:
     """Directory of the spec file; relative paths resolve against it."""
     seed: int
     """The run's seed; synthetic sources derive their RNG from it (and their own name)."""
+    work_dir: str | None = None
+    """The stage's ``<run>/<stage>/data/`` folder, for what a source writes down (quarantined
+    records…); None outside a run (notebooks, tests), where sources keep such things in memory."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,9 @@ class Document:
     """Chat records: ``({"role": "user", "content": ...}, {"role": "assistant", ...})``."""
     meta: dict[str, Any] | None = None
     """Task data for verifiers/judges (e.g. the expected answer, unit tests)."""
+    tokens: np.ndarray | Sequence[int] | None = field(default=None, compare=False)
+    """Pre-tokenized text: the ids ``encode(text)`` would give, without the trailing EOS (a
+    numpy array view for ``shards``). When set, the mixture uses it instead of tokenizing."""
 
 
 @runtime_checkable
@@ -53,6 +63,8 @@ class DataSource(Protocol):
 
     ``documents(start)`` yields from position ``start`` (0-based) to the end: that is how a
     loader resumes without replaying. ``len()`` may be unknown (None) for files not yet read.
+    A source of pre-tokenized documents may also have ``check_tokenizer(tokenizer)``, which
+    raises :class:`~phi4_engine.errors.DataError` when its ids come from another tokenizer.
     """
 
     name: str

@@ -19,7 +19,7 @@ from torchtitan.models.common import (
     RMSNorm,
     compute_ffn_hidden_dim,
 )
-from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
+from torchtitan.models.common.attention import FlexAttention
 from torchtitan.models.common.config_utils import make_ffn_config, make_gqa_config
 from torchtitan.models.common.param_init import depth_scaled_std
 from torchtitan.models.llama3 import Llama3Model, parallelize_llama
@@ -28,6 +28,7 @@ from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
 from torchtitan.protocols.model_spec import ModelSpec
 
 from phi4_engine.titan import compat
+from phi4_engine.titan.attention import DocumentSDPA
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,17 @@ def _output_init(dim: int) -> dict[str, Callable]:
 
 
 def inner_attention_config(backend: str):
-    """``sdpa`` (CPU: FlexAttention has no CPU backward) or ``flex`` (CUDA)."""
+    """The attention kernel. Both mask packed documents (block-causal) given ``positions``.
+
+    ``sdpa`` (default, CPU): ``DocumentSDPA``, an explicit boolean mask; FlexAttention has no
+    backward on CPU (FACTS.md §5 fix 7) and torchtitan's own SDPA module is causal only.
+    ``flex`` (CUDA): torchtitan's FlexAttention; its Trainer builds the block mask from
+    ``positions`` (``Decoder.get_attention_masks``).
+    """
     if backend == "flex":
         return FlexAttention.Config()
     if backend == "sdpa":
-        return ScaledDotProductAttention.Config()
+        return DocumentSDPA.Config()
     raise ValueError(f"unknown attention backend {backend!r} (expected 'sdpa' or 'flex')")
 
 

@@ -7,6 +7,9 @@ import io
 import pytest
 import torch
 
+from phi4_engine.data.mixture import IGNORE_INDEX
+from phi4_engine.data.positions import document_positions
+
 from phi4_engine.data import Document, MixtureLoader
 from phi4_engine.errors import DataError
 from phi4_engine.plugins.synthetic import SyntheticSource
@@ -60,7 +63,7 @@ WEIGHTS = [0.15, 0.15, 0.40, 0.20, 0.10]
 
 def _five_sources():
     return [
-        ListSource("web", 900, (120, 300, 75)),
+        ListSource("web", 4000, (120, 300, 75)),
         ListSource("rewrites", 150, (200, 260)),
         SyntheticSource("synthetic-arithmetic", seed=0, num_documents=120),
         ListSource("code", 400, (500, 90, 330)),
@@ -77,8 +80,9 @@ def _loader(sources=None, weights=WEIGHTS, **kw):
 def test_batches_shape_dtype_and_shift():
     loader = _loader()
     inputs, labels = next(iter(loader))
-    assert set(inputs) == {"input"}
+    assert set(inputs) == {"input", "positions"}
     x = inputs["input"]
+    assert torch.equal(inputs["positions"], document_positions(x, 256))
     assert x.shape == labels.shape == (4, 64) and x.dtype == labels.dtype == torch.int64
     assert torch.equal(x[:, 1:], labels[:, :-1])
     assert int(x.max()) <= 256 and int(x.min()) >= 0
@@ -102,11 +106,11 @@ def test_stream_is_documents_plus_eos_in_deficit_order():
 def test_token_fractions_and_epochs():
     sources = _five_sources()
     loader = _loader(sources, seq_len=1023, batch_size=4)
-    for _ in range(50):  # 50 * 4 * 1024 = 204,800 tokens
+    for _ in range(245):  # 245 * 4 * 1024 = 1,003,520 tokens
         next(loader)
     stats = loader.stats()
     total = sum(s["tokens"] for s in stats)
-    assert total >= 50 * 4 * 1024
+    assert total >= 1_000_000
     for s, w, src in zip(stats, WEIGHTS, sources):
         assert abs(s["tokens"] / total - w) < 0.01, (s["name"], s["tokens"] / total, w)
         assert s["weight"] == pytest.approx(w)
@@ -277,3 +281,59 @@ def test_tokenizer_without_encode_batch():
     b = MixtureLoader([(ListSource("a", 9), 1.0)], FakeTokenizer(), seq_len=16, batch_size=2)
     for _ in range(10):
         assert torch.equal(next(a)[1], next(b)[1])
+
+
+class ChatTokenizer(FakeTokenizer):
+    """Fake tokenizer with a chat renderer: role byte, content bytes, end marker 257."""
+
+    def encode_chat(self, messages, add_generation_prompt=False):
+        ids, mask = [], []
+        for m in messages:
+            body = [ord(m["role"][0])] + self.encode(m["content"]) + [257]
+            ids += body
+            mask += [m["role"] == "assistant" and i > 0 for i in range(len(body))]
+        return ids, mask
+
+
+class ChatSource:
+    def __init__(self, n=50):
+        self.name, self.n = "chat", n
+
+    def __len__(self):
+        return self.n
+
+    def documents(self, start=0):
+        from phi4_engine.data.source import Document
+
+        for i in range(start, self.n):
+            yield Document(id=f"c{i}", messages=({"role": "user", "content": f"q{i}?"}, {"role": "assistant", "content": f"a{i}!"}))
+
+
+def test_chat_mode_trains_on_assistant_tokens_only():
+    loader = MixtureLoader([(ChatSource(), 1.0)], ChatTokenizer(), seq_len=40, batch_size=2, chat=True)
+    inputs, labels = next(loader)
+    tok = ChatTokenizer()
+    stream = []
+    for i in range(6):
+        ids, mask = tok.encode_chat([{"role": "user", "content": f"q{i}?"}, {"role": "assistant", "content": f"a{i}!"}])
+        stream += [(t, m) for t, m in zip(ids, mask)] + [(256, False)]
+    # labels are the next token where it is an assistant target, IGNORE_INDEX elsewhere
+    expected = [t if m else IGNORE_INDEX for t, m in stream[1:41]]
+    assert labels[0].tolist() == expected
+    targets = [chr(t) for t in labels[0].tolist() if t != IGNORE_INDEX and t < 256]
+    assert "".join(targets).startswith("a0!")
+    assert inputs["positions"][0, 0] == 0
+
+
+def test_chat_mode_rejects_text_and_resumes_exactly():
+    text_only = MixtureLoader([(_five_sources()[0], 1.0)], ChatTokenizer(), seq_len=16, batch_size=1, chat=True)
+    with pytest.raises(DataError, match="chat stages"):
+        next(text_only)
+    a = MixtureLoader([(ChatSource(), 1.0)], ChatTokenizer(), seq_len=23, batch_size=2, chat=True)
+    next(a)
+    state = a.state_dict()
+    b = MixtureLoader([(ChatSource(), 1.0)], ChatTokenizer(), seq_len=23, batch_size=2, chat=True)
+    b.load_state_dict(state)
+    for _ in range(5):
+        (xa, ya), (xb, yb) = next(a), next(b)
+        assert torch.equal(xa["input"], xb["input"]) and torch.equal(ya, yb)

@@ -80,12 +80,15 @@ def test_14b_rmsnorm_eps(phi4_14b):
 
 
 def test_attention_backend_defaults_to_sdpa():
-    from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
+    from torchtitan.models.common.attention import FlexAttention
+
+    from phi4_engine.titan.attention import DocumentSDPA
 
     config = phi4.build_model_config(
         phi4.FLAVORS["debug"], vocab_size=SMALL_VOCAB, rope_theta=PHI4_THETA, max_seq_len=64
     )
-    assert isinstance(config.layers[0].attention.inner_attention, ScaledDotProductAttention.Config)
+    # "sdpa" = SDPA with optional block-causal document masks (tests/unit/test_doc_masking.py)
+    assert isinstance(config.layers[0].attention.inner_attention, DocumentSDPA.Config)
     assert isinstance(phi4.inner_attention_config("flex"), FlexAttention.Config)
     with pytest.raises(ValueError):
         phi4.inner_attention_config("eager")
