@@ -17,7 +17,9 @@ from typing import Any, Iterable, Mapping
 
 import orjson
 
+from phi4_engine.data.source import SourceContext
 from phi4_engine.errors import EngineError, SpecError
+from phi4_engine.evaluation import EvalContext, Evaluator, WeightsRef, load_weights, log_to_tensorboard
 from phi4_engine.manager import PluginHost, Registry
 from phi4_engine.rundir import RunDir, now
 from phi4_engine.spec import CompiledSpec, RunSpec
@@ -158,7 +160,7 @@ class Engine:
         self.host.notify("phi4_run_start", run_dir=str(rundir.path), spec=resolved)
         result = RunResult(run_dir=str(rundir.path), spec_sha256=sha)
         tokenizer = self.registry.build("tokenizer", spec.tokenizer)
-        previous_checkpoint: str | None = None
+        previous: dict[str, Any] = {}
         invalidated = False
         current: str | None = None
         last_selected = max(names.index(n) for n in selected) if selected else len(names) - 1
@@ -170,7 +172,7 @@ class Engine:
                 if entry.get("status") == "done" and not finished:
                     invalidated = True  # its folder was deleted: re-run it and everything after
                 if finished and not invalidated:
-                    previous_checkpoint = entry.get("final_checkpoint")
+                    previous = entry
                     result.stages[name] = StageResult(name, kind, "skipped", entry)
                     continue
                 if invalidated and entry:
@@ -183,8 +185,8 @@ class Engine:
                         )
                     continue
                 current = name
-                summary = self._run_one(rundir, ledger, stage_spec, tokenizer, previous_checkpoint)
-                previous_checkpoint = summary.get("final_checkpoint")
+                summary = self._run_one(rundir, ledger, stage_spec, tokenizer, previous)
+                previous = summary
                 result.stages[name] = StageResult(name, kind, "done", summary)
                 invalidated = invalidated or entry.get("status") == "done"
         except BaseException as exc:
@@ -196,8 +198,47 @@ class Engine:
         """Run one stage (the ones before it must be finished in this run dir)."""
         return self.run([name]).stages[name]
 
-    def _run_one(self, rundir: RunDir, ledger: dict[str, Any], stage_spec: Any, tokenizer: Any, init: str | None) -> dict[str, Any]:
+    def generate(
+        self,
+        conversations: list[list[dict[str, str]]],
+        *,
+        stage: str | None = None,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> list[str]:
+        """Assistant replies from a finished stage's final weights (default: the last finished).
+
+        ``conversations`` are chat message lists; generation is batched with a KV cache and
+        stops at ``<|im_end|>``. Deterministic for a given ``seed``.
+        """
+        from phi4_engine.titan.generate import Generator
+
+        entry = self._finished_entry(stage)
+        tokenizer = self.registry.build("tokenizer", self.validate().tokenizer)
+        prompt_len = max(len(tokenizer.encode_chat(c, add_generation_prompt=True)[0]) for c in conversations)
+        model = load_weights(self._weights(entry), tokenizer.vocab_size, prompt_len + max_new_tokens)
+        generator = Generator(model, eos_ids={tokenizer.im_end_id, tokenizer.eos_id}, pad_id=tokenizer.pad_id)
+        return generator.generate_text(
+            tokenizer, conversations, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )
+
+    def _finished_entry(self, stage: str | None) -> dict[str, Any]:
+        ledger = self.run_dir.read_ledger()
+        done = {n: e for n, e in ledger.get("stages", {}).items() if e.get("status") == "done"}
+        if not done:
+            raise EngineError(f"run dir {self.run_dir.path} has no finished stage to generate from")
+        if stage is None:
+            order = [s.name for s in self.validate().stages if s.name in done]  # type: ignore[attr-defined]
+            stage = order[-1]
+        if stage not in done:
+            raise EngineError(f"stage {stage!r} has not finished in {self.run_dir.path} (finished: {', '.join(done)})")
+        return done[stage]
+
+    def _run_one(self, rundir: RunDir, ledger: dict[str, Any], stage_spec: Any, tokenizer: Any, previous: dict[str, Any]) -> dict[str, Any]:
         name, kind = stage_spec.name, stage_spec.kind
+        init = previous.get("final_checkpoint")
         stage_dir = rundir.stage_dir(name)
         stage_dir.mkdir(parents=True, exist_ok=True)
         ledger["stages"][name] = {
@@ -220,8 +261,15 @@ class Engine:
             extra={"spec_dir": self.base_dir},
         )
         runner = self.registry.build("stage", stage_spec, ctx)
+        evaluator = Evaluator(stage_spec, self._eval_context(tokenizer), str(stage_dir))
         try:
+            if evaluator and init:
+                evaluator.run("before", self._weights(previous))
             summary = runner.run()
+            if evaluator:
+                evaluator.run("after", self._weights(summary))
+                summary["eval"] = evaluator.results()
+                log_to_tensorboard(str(stage_dir), summary["eval"], summary.get("steps", 0))
         except BaseException:
             ledger["stages"][name].update(status="failed", finished=now())
             rundir.write_ledger(ledger)
@@ -230,3 +278,22 @@ class Engine:
         rundir.write_ledger(ledger)
         self.host.notify("phi4_stage_end", run_dir=str(rundir.path), stage=name, stage_dir=str(stage_dir), summary=summary)
         return ledger["stages"][name]
+
+    def _eval_context(self, tokenizer: Any) -> EvalContext:
+        spec = self.validate()
+        source_ctx = SourceContext(base_dir=self.base_dir, seed=spec.seed)
+        return EvalContext(
+            tokenizer=tokenizer,
+            registry=self.registry,
+            spec_dir=self.base_dir,
+            seed=spec.seed,
+            build_source=lambda source_spec: self.registry.build("data_source", source_spec, source_ctx),
+        )
+
+    def _weights(self, entry: dict[str, Any]) -> WeightsRef:
+        model = entry.get("model") or {}
+        return WeightsRef(
+            checkpoint=entry["final_checkpoint"],
+            flavor=model.get("flavor", self.validate().model.flavor),
+            rope_theta=model.get("rope_theta", self.validate().model.rope_theta),
+        )

@@ -95,6 +95,16 @@ def phi4_register_verifiers(register: Register) -> None:
     """
 
 
+@hookspec
+def phi4_register_evaluations(register: Register) -> None:
+    """Register evaluation kinds a stage may declare (``heldout-loss``, ``task-accuracy``…).
+
+    ``factory(evaluation_spec, ctx)`` returns an object with ``run(model) -> dict[str, float]``;
+    ``ctx`` is a :class:`phi4_engine.evaluation.EvalContext`. Results go to ``<stage>/eval.json``,
+    TensorBoard and the ledger, for the stage's starting weights ("before") and final ones.
+    """
+
+
 # ---------------------------------------------------------------------------------------------
 # Lifecycle hooks: observers only. Called on rank 0 of a run.
 

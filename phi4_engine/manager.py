@@ -31,11 +31,13 @@ DISTRIBUTION = "phi4-engine"
 BUILTIN_PLUGINS: dict[str, str] = {
     "tokenizers": "phi4_engine.plugins.tokenizers",
     "jsonl": "phi4_engine.plugins.jsonl",
+    "shards": "phi4_engine.plugins.shards",
     "synthetic": "phi4_engine.plugins.synthetic",
     "schedulers": "phi4_engine.plugins.schedulers",
     "losses": "phi4_engine.plugins.losses",
     "parallelism": "phi4_engine.plugins.parallelism",
     "loggers": "phi4_engine.plugins.loggers",
+    "evaluations": "phi4_engine.plugins.evaluations",
     "stages": "phi4_engine.stages",
 }
 
@@ -49,6 +51,7 @@ REGISTRATION_HOOKS: dict[str, str] = {
     "phi4_register_parallelisms": "parallelism",
     "phi4_register_judges": "judge",
     "phi4_register_verifiers": "verifier",
+    "phi4_register_evaluations": "evaluation",
 }
 CATEGORIES = tuple(REGISTRATION_HOOKS.values())
 

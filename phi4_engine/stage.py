@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from pydantic import Field, model_validator
 
-from phi4_engine.spec.base import SpecModel
+from phi4_engine.spec.base import EvaluationRef, SpecModel
 
 
 class StageSpec(SpecModel):
@@ -16,6 +16,8 @@ class StageSpec(SpecModel):
 
     name: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]*$")
     """Stage name, also its folder in the run directory (defaults to the kind)."""
+    evaluations: list[EvaluationRef] = Field(default_factory=list)  # type: ignore[valid-type]
+    """Evaluations run on the stage's starting weights and on its final weights."""
 
     @model_validator(mode="before")
     @classmethod

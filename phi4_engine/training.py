@@ -9,20 +9,58 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable
 
 import orjson
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, model_validator
 
 from phi4_engine.data.source import SourceContext
-from phi4_engine.spec.base import DataSourceRef, LossRef, SchedulerRef, SpecModel
+from phi4_engine.rundir import atomic_write
+from phi4_engine.spec.base import DataSourceRef, LossRef, SchedulerRef, SpecModel, resolve_path
 from phi4_engine.stage import StageContext, StageSpec
+
+
+def _file(value: str, info: ValidationInfo) -> str:
+    return resolve_path(value, info)
+
+
+class DecontaminationSection(SpecModel):
+    """Drop training documents that overlap benchmark items ([P4] App. B.1, Alg. 1; the
+    algorithm and its choices are described in :mod:`phi4_engine.data.decontam`)."""
+
+    benchmarks: list[Annotated[str, AfterValidator(_file)]] = Field(min_length=1)
+    """Benchmark files: ``.txt`` = one item per line; anything else = JSONL, one item per record
+    in ``field`` (a string, or a list of strings or of ``{content}`` messages, joined)."""
+    field: str = "text"
+    """Record field holding a benchmark item in JSONL benchmark files."""
+    allow_list: Annotated[str, AfterValidator(_file)] | None = None
+    """Text file of common phrases, one per line (e.g. MCQ option strings, frequent Wikipedia
+    13-grams), whose n-grams never count as contamination."""
+    ngram: int = Field(13, ge=2)
+    """Length of the exact-match n-grams (the paper's 13)."""
+    ratio_ngram: int = Field(7, ge=2)
+    """Length of the n-grams of the overlap ratio (the paper's 7)."""
+    info_threshold: float = Field(0.5, ge=0, le=1)
+    """A ratio above this is reported (partial) — the paper does not give the value; 0.5 is ours."""
+    contaminated_threshold: float = Field(0.8, ge=0, le=1)
+    """A ratio at or above this drops the document — the paper does not give the value; 0.8 is ours."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DecontaminationSection":
+        if self.contaminated_threshold < self.info_threshold:
+            raise ValueError("contaminated_threshold must be >= info_threshold")
+        return self
 
 
 class MixtureSection(SpecModel):
     """Data sources mixed by weight (weights are token fractions)."""
 
     sources: list[DataSourceRef] = Field(min_length=1)  # type: ignore[valid-type]
+    decontamination: DecontaminationSection | None = None
+    """Drop documents overlapping benchmark sets (13-gram hits, 7-gram ratio); report in
+    ``<stage>/data/decontamination.json``."""
 
 
 class LMStageSpec(StageSpec):
@@ -66,9 +104,30 @@ class LMStageSpec(StageSpec):
         return math.ceil(self.tokens / (self.batch_size * self.seq_len))  # type: ignore[operator]
 
 
-def build_sources(ctx: StageContext, sources: list[Any]) -> list[tuple[Any, float]]:
-    source_ctx = SourceContext(base_dir=ctx.spec_dir, seed=ctx.spec.seed)
-    return [(ctx.registry.build("data_source", s, source_ctx), s.weight) for s in sources]
+_FROM_STAGE: Any = object()
+
+
+def build_sources(
+    ctx: StageContext, sources: list[Any], decontamination: "DecontaminationSection | None" = _FROM_STAGE
+) -> list[tuple[Any, float]]:
+    """``(source, weight)`` for each spec; sources write what they keep (quarantine…) to
+    ``<stage>/data/``. With a decontamination section (by default the stage's own
+    ``data.decontamination``) each source is wrapped in a :class:`DecontaminatedSource`, which
+    scans it once here and writes ``<stage>/data/decontamination.json``."""
+    work_dir = os.path.join(ctx.stage_dir, "data")
+    source_ctx = SourceContext(base_dir=ctx.spec_dir, seed=ctx.spec.seed, work_dir=work_dir)
+    built = [(ctx.registry.build("data_source", s, source_ctx), s.weight) for s in sources]
+    if decontamination is _FROM_STAGE:
+        decontamination = getattr(getattr(ctx.stage_spec, "data", None), "decontamination", None)
+    if decontamination is None:
+        return built
+    from phi4_engine.data.decontam import DecontaminatedSource, DecontaminationIndex, write_report
+
+    index = DecontaminationIndex.from_section(decontamination)
+    decode = getattr(ctx.tokenizer, "decode", None)  # for pre-tokenized (shards) documents
+    wrapped = [(DecontaminatedSource(src, index, decode), w) for src, w in built]
+    write_report(os.path.join(work_dir, "decontamination.json"), index, [src.report() for src, _ in wrapped])
+    return wrapped
 
 
 def _history(stage_dir: str) -> list[dict[str, Any]]:
@@ -143,6 +202,16 @@ def run_lm_stage(
         on_step=on_step,
         on_checkpoint=on_checkpoint,
     )
+    model_config = {
+        "flavor": run_spec.model.flavor,
+        "vocab_size": job.vocab_size,
+        "rope_theta": job.rope_theta,
+        "seq_len": spec.seq_len,
+        "tokenizer": ctx.tokenizer.name,
+        "tokenizer_fingerprint": ctx.tokenizer.fingerprint,
+    }
+    os.makedirs(ctx.stage_dir, exist_ok=True)
+    atomic_write(Path(ctx.stage_dir) / "model.json", orjson.dumps(model_config, option=orjson.OPT_INDENT_2))
     result = run_lm(job)
     history = {row["step"]: row["loss"] for row in _history(ctx.stage_dir) if "loss" in row}
     history.update(losses)
@@ -153,8 +222,51 @@ def run_lm_stage(
         "tokens": result.tokens,
         "final_checkpoint": result.final_checkpoint,
         "weights_sha256": result.weights_sha256,
+        "init_weights_sha256": result.init_weights_sha256,
+        "model": model_config,
         "metrics": {
             "loss_first": history[steps_sorted[0]] if steps_sorted else None,
             "loss_last": sum(tail) / len(tail) if tail else None,
         },
     }
+
+
+class LMStage:
+    """A stage that trains next-token prediction on a mixture (pretrain, midtrain, sft).
+
+    Subclasses choose the mixture (:meth:`mixture_sources`) and whether records are chats
+    (``chat = True``: ChatML rendering, loss on assistant tokens only).
+    """
+
+    chat = False
+
+    def __init__(self, spec: LMStageSpec, ctx: StageContext) -> None:
+        self.spec = spec
+        self.ctx = ctx
+        self.loaders: list[Any] = []
+
+    def mixture_sources(self) -> list[tuple[Any, float]]:
+        return build_sources(self.ctx, self.spec.data.sources)
+
+    def make_loader(self, dp_rank: int, dp_world_size: int, seq_len: int, batch_size: int) -> Any:
+        from phi4_engine.data.mixture import MixtureLoader
+
+        loader = MixtureLoader(
+            self.mixture_sources(),
+            self.ctx.tokenizer,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            dp_rank=dp_rank,
+            dp_world_size=dp_world_size,
+            chat=self.chat,
+        )
+        self.loaders.append(loader)
+        return loader
+
+    def run(self) -> dict[str, Any]:
+        summary = run_lm_stage(self.ctx, self.spec, self.make_loader)
+        if self.loaders:
+            loader = self.loaders[-1]
+            summary["data"] = loader.stats()
+            print(f"\n{self.ctx.stage_name}: data drawn per source\n{loader.table()}\n", file=sys.stderr)
+        return summary

@@ -1,7 +1,7 @@
 """Spec models of the stages after pretrain whose training loops are not built yet.
 
 They validate (so ``specs/full.json`` carries every paper value today) but refuse to run with a
-clear message. Each moves to its own module when its issue lands: midtrain and sft (#4),
+clear message. Each moves to its own module when its issue lands:
 dpo-judge (#5), dpo-pivotal (#6), refusal (#7).
 """
 
@@ -14,23 +14,6 @@ from pydantic import Field
 from phi4_engine.errors import EngineError
 from phi4_engine.spec.base import DataSourceRef, SpecModel
 from phi4_engine.stage import StageSpec
-from phi4_engine.training import LMStageSpec
-
-
-class MidtrainSpec(LMStageSpec):
-    """Long-context midtraining: 4K→16K, RoPE base 250K, peak LR ÷10, 30% long / 70% recall."""
-
-    kind: Literal["midtrain"]
-    long_fraction: float = Field(0.3, gt=0, lt=1)
-    """Token share of long documents; the rest is recall data from the pretrain sources."""
-    recall_from: str = "pretrain"
-    """Stage whose data sources provide the recall share."""
-
-
-class SftSpec(LMStageSpec):
-    """Supervised fine-tuning on ChatML conversations, loss on assistant tokens only."""
-
-    kind: Literal["sft"]
 
 
 class PtsSection(SpecModel):
@@ -100,8 +83,6 @@ class NotRunnableYet:
 
 
 STAGE_KINDS = {
-    "midtrain": (MidtrainSpec, 4),
-    "sft": (SftSpec, 4),
     "dpo-pivotal": (DpoPivotalSpec, 6),
     "dpo-judge": (DpoJudgeSpec, 5),
     "refusal": (RefusalSpec, 7),

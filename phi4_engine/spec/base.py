@@ -69,6 +69,10 @@ class VerifierRef(KindRef):
     category = "verifier"
 
 
+class EvaluationRef(KindRef):
+    category = "evaluation"
+
+
 def resolve_path(value: str, info: ValidationInfo, *, must_exist: bool = True) -> str:
     """Resolve ``value`` against the spec's directory (validation context ``base_dir``).
 

@@ -1,8 +1,9 @@
 """Reading spec files: JSON with ``extends`` deep-merge, ``--set`` overrides, canonical form.
 
-Merge rules (parent ← child): objects merge key by key; lists of objects that all carry a
-``name`` or ``kind`` merge item by item on that identity (the child's item replaces the parent's
-whole when its ``kind`` differs, and new items are appended); any other value is replaced.
+Merge rules (parent ← child): objects merge key by key, except that an object whose ``kind``
+differs from the parent's replaces it whole; lists of objects that all carry a ``name`` or
+``kind`` merge item by item on that identity (new items are appended); any other value is
+replaced.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def _identity(item: Any) -> str | None:
 
 def deep_merge(parent: Any, child: Any) -> Any:
     if isinstance(parent, dict) and isinstance(child, dict):
+        if "kind" in child and child["kind"] != parent.get("kind", child["kind"]):
+            return child  # another kind: the parent's fields belong to a different model
         out = dict(parent)
         for key, value in child.items():
             out[key] = deep_merge(parent[key], value) if key in parent else value

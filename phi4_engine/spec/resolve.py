@@ -13,6 +13,7 @@ import typing
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field, create_model
+from pydantic.fields import FieldInfo
 
 from phi4_engine.spec.base import KindRef, SpecModel
 
@@ -57,8 +58,15 @@ class SpecResolver:
         overrides: dict[str, Any] = {}
         for name, info in cls.model_fields.items():
             new = self.annotation(info.annotation)
-            if new is not info.annotation:
-                overrides[name] = (new, info)
+            if new is info.annotation:
+                continue
+            if typing.get_origin(new) is Annotated:
+                # A field typed directly as a union of kinds: its own FieldInfo (default,
+                # description) would shadow the union's discriminator, so merge them.
+                base, *extra = typing.get_args(new)
+                info = FieldInfo.merge_field_infos(info, *[m for m in extra if isinstance(m, FieldInfo)])
+                new = base
+            overrides[name] = (new, info)
         if overrides:
             resolved = create_model(cls.__name__, __base__=cls, __module__=cls.__module__, **overrides)
             resolved.__doc__ = cls.__doc__

@@ -8,10 +8,11 @@ next stage in the same process can start its own.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
-import socket
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -29,7 +30,7 @@ from torchtitan.config import ParallelismConfig, TrainingConfig
 from torchtitan.tools.logging import logger as titan_logger
 from torchtitan.trainer import Trainer
 
-from phi4_engine.titan import phi4
+from phi4_engine.titan import attention, phi4
 
 
 class EngineTokenizer(BaseTokenizer):
@@ -127,6 +128,7 @@ class LMResult:
     tokens: int
     final_checkpoint: str
     weights_sha256: str
+    init_weights_sha256: str | None
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -146,6 +148,7 @@ class Phi4Trainer(Trainer):
     on_start: Callable[[int], None] | None = None
     on_step: Callable[[int, dict[str, float]], None] | None = None
     on_checkpoint: Callable[[int, str], None] | None = None
+    init_weights_sha256: str | None = None
 
     def __init__(self, config: Trainer.Config) -> None:
         super().__init__(config)
@@ -161,9 +164,19 @@ class Phi4Trainer(Trainer):
 
         self.metrics_processor.log = log_and_report
 
+    # -- Packed documents: attention masks from the loader's ``positions`` ---------------------
+    # torchtitan builds masks only for Flex/Varlen; add them for our SDPA backend (and plain
+    # causal positions for Flex/Varlen when the loader gives none) before its own processing.
+    def post_dataloading_process(self, input_dict, labels):
+        input_dict = attention.prepare_attention_inputs(self.model_config, input_dict)
+        return super().post_dataloading_process(input_dict, labels)
+
     def train(self) -> None:
         config = self.config
         self.checkpointer.load(step=config.checkpoint.load_step)
+        if self.step == 0 and config.checkpoint.initial_load_path:
+            # The stage handoff: the ledger proves these are the previous stage's final weights.
+            self.init_weights_sha256 = weights_sha256(self.model_parts[0])
         if self.on_start is not None:
             self.on_start(self.step)
         data_iterator = self.batch_generator(self.dataloader)
@@ -176,22 +189,52 @@ class Phi4Trainer(Trainer):
             if self.on_checkpoint is not None and (last or self.step % config.checkpoint.interval == 0):
                 self.checkpointer.maybe_wait_for_staging()
                 self.on_checkpoint(self.step, os.path.join(self.checkpointer.folder, f"step-{self.step}"))
+        self._purge_after_last_save()
+
+    def _purge_after_last_save(self) -> None:
+        """Apply keep_latest_k once more: torchtitan's last-step save does not purge, so k+1
+        checkpoints would remain. Only complete checkpoints (with .metadata) count as newest."""
+        keep = self.config.checkpoint.keep_latest_k
+        folder = self.checkpointer.folder
+        if keep <= 0 or dist.get_rank() != 0 or not os.path.isdir(folder):
+            return
+        self.checkpointer.maybe_wait_for_saving()
+        steps = sorted(
+            int(name.split("-", 1)[1])
+            for name in os.listdir(folder)
+            if name.startswith("step-") and name.split("-", 1)[1].isdigit()
+            and os.path.exists(os.path.join(folder, name, ".metadata"))
+        )
+        for step in steps[:-keep]:
+            shutil.rmtree(os.path.join(folder, f"step-{step}"), ignore_errors=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextlib.contextmanager
+def _process_group() -> Iterator[None]:
+    """The process group torchtitan expects, for a run under torchrun or in a plain process.
 
-
-def _ensure_single_process_env() -> None:
-    """torchtitan reads torchrun's variables; a plain `python` process gets world size 1."""
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+    Under torchrun (WORLD_SIZE set) torchtitan initializes it from the environment. A plain
+    process gets a world of one on an in-memory store: no TCP port to pick or collide on (tests
+    and notebooks run many stages, sometimes side by side). torchtitan skips its own init when
+    a group exists. The variables torchtitan reads are set only for the duration of the run.
+    """
+    if "WORLD_SIZE" in os.environ:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def trainer_config(job: LMJob) -> Trainer.Config:
@@ -246,7 +289,11 @@ def trainer_config(job: LMJob) -> Trainer.Config:
 
 
 def run_lm(job: LMJob) -> LMResult:
-    _ensure_single_process_env()
+    with _process_group():
+        return _run_lm(job)
+
+
+def _run_lm(job: LMJob) -> LMResult:
     # torch warns that DTensor RNG "may not have complete support on cpu device mesh" when
     # torchtitan initializes weights on CPU; initialization is seeded and deterministic here.
     warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
@@ -265,8 +312,7 @@ def run_lm(job: LMJob) -> LMResult:
             tokens=trainer.ntokens_seen,
             final_checkpoint=os.path.join(trainer.checkpointer.folder, f"step-{trainer.step}"),
             weights_sha256=weights_sha256(trainer.model_parts[0]),
+            init_weights_sha256=trainer.init_weights_sha256,
         )
     finally:
         trainer.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -42,7 +42,7 @@ def main() -> None:
         if shape == "long":  # long documents: many paragraphs joined
             records = [{"text": "\n\n".join(d.text for d in docs[i : i + 16])} for i in range(0, 64, 16)]
         elif shape == "messages":
-            records = [{"messages": list(d.messages)} for d in docs]
+            records = [{"messages": list(d.messages), "answer": (d.meta or {}).get("answer")} for d in docs]
         else:
             records = [{"text": d.text} for d in docs]
         raw = b"".join(orjson.dumps(r) + b"\n" for r in records)

@@ -72,6 +72,6 @@ def test_stages_and_schema():
 
 
 def test_unimplemented_stage_refuses_with_one_line(tmp_path):
-    result = run_cli("run", str(SPECS / "tiny.json"), "--run-dir", str(tmp_path / "r"), "--set", "stages.pretrain.steps=2", "--stages", "pretrain,midtrain")
+    result = run_cli("run", str(SPECS / "dpo-judge.json"), "--run-dir", str(tmp_path / "r"))
     assert result.returncode == 1
     assert "cannot run in this version" in result.stderr and "Traceback" not in result.stderr

@@ -36,6 +36,8 @@ def test_tiny_pretrain_lowers_loss(tmp_path):
     entry = ledger["stages"]["pretrain"]
     assert entry["status"] == "done" and entry["steps"] == 60 and len(entry["weights_sha256"]) == 64
     assert Path(entry["final_checkpoint"]).joinpath(".metadata").exists()
+    kept = sorted(p.name for p in (tmp_path / "run" / "pretrain" / "checkpoints").iterdir())
+    assert kept == ["step-50", "step-60"]  # interval 10, keep_latest_k 2
     assert ledger["spec_sha256"] == (tmp_path / "run" / "spec.json.sha256").read_text().split()[0]
     shares = {d["name"]: d["tokens"] for d in entry["data"]}
     assert abs(shares["math"] / sum(shares.values()) - 0.5) < 0.02

@@ -148,6 +148,8 @@ def test_merge_rules():
     merged = deep_merge(parent, child)
     assert merged["a"] == {"x": 1, "y": 3}
     assert merged["items"] == [{"name": "p", "kind": "k2", "w": 1}, {"name": "q", "kind": "k1", "v": 5}, {"name": "r", "kind": "k1"}]
+    nested = deep_merge({"source": {"kind": "jsonl", "path": "x"}}, {"source": {"kind": "synthetic-prose", "num_documents": 3}})
+    assert nested == {"source": {"kind": "synthetic-prose", "num_documents": 3}}
 
 
 def test_set_overrides(tmp_path):

@@ -283,3 +283,12 @@ def test_triton_installed_and_torchtitan_trainer_imports():
 
 # 6. spmd_backend="partial_dtensor" (FACTS.md §5 item 5) is set by trainer.trainer_config; a
 #    test of that belongs with trainer.py's tests.
+
+
+def test_data_ignore_index_matches_torchtitan():
+    """The data layer may not import torchtitan, so it restates the ignore label; keep them equal."""
+    from torchtitan.components.loss import IGNORE_INDEX as TITAN_IGNORE
+
+    from phi4_engine.data.mixture import IGNORE_INDEX
+
+    assert IGNORE_INDEX == TITAN_IGNORE

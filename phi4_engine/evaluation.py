@@ -1,0 +1,89 @@
+"""Running a stage's evaluations on its starting and final weights.
+
+``eval.json`` in the stage folder holds ``{"before": {name: metrics}, "after": {...}}``;
+"before" is computed once (kept across resumes) from the checkpoint the stage starts from.
+The same numbers go to TensorBoard (``eval/<name>/<metric>``, tagged before/after) and the
+ledger entry of the stage.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import orjson
+
+from phi4_engine.errors import EngineError
+from phi4_engine.rundir import atomic_write
+
+
+@dataclass
+class EvalContext:
+    """What an evaluation factory may use."""
+
+    tokenizer: Any
+    registry: Any
+    spec_dir: str
+    seed: int
+    build_source: Callable[[Any], Any]
+    """Builds a data source from a nested source spec."""
+
+
+@dataclass(frozen=True)
+class WeightsRef:
+    """A checkpoint and how to rebuild the model around it."""
+
+    checkpoint: str
+    flavor: str
+    rope_theta: float
+
+
+def load_weights(ref: WeightsRef, vocab_size: int, max_seq_len: int) -> Any:
+    from phi4_engine.titan.generate import load_model
+
+    return load_model(ref.checkpoint, flavor=ref.flavor, vocab_size=vocab_size, rope_theta=ref.rope_theta, max_seq_len=max_seq_len)
+
+
+class Evaluator:
+    """The evaluations declared by one stage."""
+
+    def __init__(self, stage_spec: Any, ctx: EvalContext, stage_dir: str) -> None:
+        self.path = os.path.join(stage_dir, "eval.json")
+        self.ctx = ctx
+        self.evals = [(e.name or e.kind, ctx.registry.build("evaluation", e, ctx)) for e in stage_spec.evaluations]
+        names = [n for n, _ in self.evals]
+        if len(set(names)) != len(names):
+            raise EngineError(f"stage {stage_spec.name!r}: two evaluations share a name; set 'name' on one")
+
+    def __bool__(self) -> bool:
+        return bool(self.evals)
+
+    def results(self) -> dict[str, Any]:
+        if os.path.exists(self.path):
+            return orjson.loads(open(self.path, "rb").read())
+        return {}
+
+    def run(self, label: str, weights: WeightsRef) -> dict[str, dict[str, float]]:
+        """Evaluate ``weights`` as ``label`` ("before"/"after"); cached in eval.json."""
+        saved = self.results()
+        if label in saved:
+            return saved[label]
+        max_len = max(getattr(e, "max_seq_len", 0) for _, e in self.evals) or 1024
+        model = load_weights(weights, self.ctx.tokenizer.vocab_size, max_len)
+        out = {name: evaluation.run(model) for name, evaluation in self.evals}
+        saved[label] = out
+        saved.setdefault("weights", {})[label] = weights.checkpoint
+        atomic_write(Path(self.path), orjson.dumps(saved, option=orjson.OPT_INDENT_2))
+        return out
+
+
+def log_to_tensorboard(stage_dir: str, results: dict[str, Any], step: int) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(os.path.join(stage_dir, "tb")) as writer:
+        for label in ("before", "after"):
+            for name, metrics in results.get(label, {}).items():
+                for key, value in metrics.items():
+                    writer.add_scalar(f"eval/{name}/{key}/{label}", value, step)
