@@ -83,7 +83,9 @@ def phi4_register_parallelisms(register: Register) -> None:
 def phi4_register_judges(register: Register) -> None:
     """Register judge kinds: a judge scores (prompt, response) on named dimensions.
 
-    ``factory(judge_spec)`` returns an object with ``score(prompt, response) -> dict``.
+    ``factory(judge_spec)`` returns a :class:`phi4_engine.judging.Judge` (``score`` →
+    :class:`~phi4_engine.judging.Verdict`, failures as :class:`~phi4_engine.judging.JudgeFailure`,
+    never a default score).
     """
 
 

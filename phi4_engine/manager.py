@@ -38,6 +38,8 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "parallelism": "phi4_engine.plugins.parallelism",
     "loggers": "phi4_engine.plugins.loggers",
     "evaluations": "phi4_engine.plugins.evaluations",
+    "judges": "phi4_engine.plugins.judges",
+    "verifiers": "phi4_engine.plugins.verifiers",
     "stages": "phi4_engine.stages",
 }
 

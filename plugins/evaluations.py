@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
-import torch
 from pydantic import Field
 
 from phi4_engine import hookimpl
-from phi4_engine.spec.base import DataSourceRef, SpecModel
+from phi4_engine.spec.base import DataSourceRef, SpecModel, VerifierRef
 
 
 class _EvalSpec(SpecModel):
@@ -44,15 +42,17 @@ class HeldoutLoss:
                 return stream
         raise ValueError(f"held-out source {self.source.name!r} has only {len(stream)} tokens; {tokens_needed} needed")
 
-    @torch.no_grad()
     def run(self, model: Any) -> dict[str, float]:
+        import torch  # plugins load with every CLI call; torch only when evaluating
+
         out = {}
         for length in self.spec.lengths:
             stream = self._stream(self.spec.sequences * (length + 1))
             chunks = torch.tensor(stream[: self.spec.sequences * (length + 1)]).view(self.spec.sequences, length + 1)
             losses = []
             for row in chunks:
-                logits = model(row[None, :-1])
+                with torch.no_grad():
+                    logits = model(row[None, :-1])
                 losses.append(torch.nn.functional.cross_entropy(logits[0].float(), row[1:]).item())
             out[f"loss@{length}"] = sum(losses) / len(losses)
         return out
@@ -66,15 +66,9 @@ class TaskAccuracySpec(_EvalSpec):
     """Chat records (user question, assistant answer) with ``meta.answer``, e.g. synthetic-arithmetic in chat format."""
     problems: int = Field(50, ge=1)
     max_new_tokens: int = Field(96, ge=1)
-
-
-_ANSWER = re.compile(r"Answer:\s*(-?[\d,]+(?:\.\d+)?)")
-
-
-def extract_answer(text: str) -> str | None:
-    """The number after the last ``Answer:`` in ``text`` (commas removed)."""
-    found = _ANSWER.findall(text)
-    return found[-1].replace(",", "") if found else None
+    verifier: VerifierRef = Field(default_factory=lambda: {"kind": "math-answer"}, validate_default=True)  # type: ignore[assignment]
+    """How an answer is checked: ``math-answer`` (normalized final answer against
+    ``meta.answer``) or ``python-tests`` (the code passes the task's tests in the sandbox)."""
 
 
 class TaskAccuracy:
@@ -82,15 +76,16 @@ class TaskAccuracy:
         self.spec = spec
         self.tokenizer = ctx.tokenizer
         self.source = ctx.build_source(spec.source)
+        self.verifier = ctx.registry.build("verifier", spec.verifier)
         self.max_seq_len = 1024
 
-    def _problems(self) -> list[tuple[list[dict[str, str]], str]]:
+    def _problems(self) -> list[tuple[list[dict[str, str]], dict[str, Any]]]:
         out = []
         for doc in self.source.documents():
-            if doc.messages is None or not doc.meta or "answer" not in doc.meta:
-                raise ValueError(f"task-accuracy needs chat records with meta.answer; {doc.id} has none")
+            if doc.messages is None or not doc.meta:
+                raise ValueError(f"task-accuracy needs chat records with task meta; {doc.id} has none")
             prompt = [m for m in doc.messages if m["role"] != "assistant"]
-            out.append((prompt, str(doc.meta["answer"])))
+            out.append((prompt, doc.meta))
             if len(out) == self.spec.problems:
                 break
         return out
@@ -102,8 +97,8 @@ class TaskAccuracy:
         generator = Generator(model, eos_ids={self.tokenizer.im_end_id, self.tokenizer.eos_id}, pad_id=self.tokenizer.pad_id)
         prompts = [self.tokenizer.encode_chat(messages, add_generation_prompt=True)[0] for messages, _ in problems]
         outputs = generator.generate(prompts, max_new_tokens=self.spec.max_new_tokens)
-        correct = sum(extract_answer(self.tokenizer.decode(o)) == answer for o, (_, answer) in zip(outputs, problems))
-        return {"accuracy": correct / len(problems), "problems": float(len(problems))}
+        verdicts = self.verifier.verify_many((meta, self.tokenizer.decode(o)) for o, (_, meta) in zip(outputs, problems))
+        return {"accuracy": sum(verdicts) / len(problems), "problems": float(len(problems))}
 
 
 @hookimpl

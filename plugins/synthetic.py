@@ -17,9 +17,9 @@ text; ``meta`` carries the task data (answer, tests) either way.
 from __future__ import annotations
 
 import random
-from typing import Callable, Iterator, Literal
+from typing import Callable, ClassVar, Iterator, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from phi4_engine import hookimpl
 from phi4_engine.data.source import DataSourceSpec, Document, SourceContext
@@ -32,6 +32,9 @@ Generator = Callable[[random.Random], Sample]
 class SyntheticSourceSpec(DataSourceSpec):
     """Fields shared by the synthetic kinds."""
 
+    generator_options: ClassVar[tuple[str, ...]] = ()
+    """Spec fields passed to the generator as keyword arguments."""
+
     num_documents: int = Field(default=2000, gt=0)
     """Number of documents in one epoch of this source."""
     format: Literal["text", "chat"] = "text"
@@ -43,6 +46,19 @@ class SyntheticArithmeticSpec(SyntheticSourceSpec):
 
     kind: Literal["synthetic-arithmetic"]
     """Source kind."""
+    operations: tuple[int, int] = (2, 3)
+    """Fewest and most operations per problem (a difficulty knob for small models)."""
+    max_operand: int = Field(default=99, ge=2, le=99)
+    """Largest number in a problem (a difficulty knob for small models)."""
+
+    generator_options: ClassVar[tuple[str, ...]] = ("operations", "max_operand")
+
+    @field_validator("operations")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= value[0] <= value[1] <= 3:
+            raise ValueError("operations must be [low, high] with 1 <= low <= high <= 3")
+        return value
 
 
 class SyntheticCodeSpec(SyntheticSourceSpec):
@@ -79,7 +95,7 @@ class SyntheticSource:
     """A deterministic, random-access :class:`~phi4_engine.data.DataSource` over a generator."""
 
     def __init__(self, kind: str, *, seed: int, num_documents: int = 2000, format: str = "text",
-                 name: str | None = None):
+                 name: str | None = None, options: dict | None = None):
         if kind not in KINDS:
             raise ValueError(f"unknown synthetic kind {kind!r}; known: {', '.join(KINDS)}")
         if num_documents <= 0:
@@ -92,13 +108,14 @@ class SyntheticSource:
         self.num_documents = num_documents
         self.format = format
         _, self._generate, self._prefix = KINDS[kind]
+        self.options = dict(options or {})
 
     def __len__(self) -> int:
         return self.num_documents
 
     def sample(self, index: int) -> Sample:
         """The raw task behind document ``index`` (any index, also beyond one epoch)."""
-        return self._generate(random.Random(f"{self.seed}:{self.name}:{index}"))
+        return self._generate(random.Random(f"{self.seed}:{self.name}:{index}"), **self.options)
 
     def document(self, index: int) -> Document:
         if not 0 <= index < self.num_documents:
@@ -117,8 +134,9 @@ class SyntheticSource:
 
 def _factory(kind: str) -> Callable[[SyntheticSourceSpec, SourceContext], SyntheticSource]:
     def build(spec: SyntheticSourceSpec, ctx: SourceContext) -> SyntheticSource:
+        options = {key: getattr(spec, key) for key in spec.generator_options}
         return SyntheticSource(kind, seed=ctx.seed, num_documents=spec.num_documents, format=spec.format,
-                               name=spec.name)
+                               name=spec.name, options=options)
 
     build.__name__ = build.__qualname__ = f"build_{kind.replace('-', '_')}_source"
     return build

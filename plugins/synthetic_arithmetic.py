@@ -1,6 +1,6 @@
 """Arithmetic problems with worked steps: the ``synthetic-arithmetic`` generator.
 
-Each problem applies 2–3 operations (``+ - * /``) to numbers below 100, left to right, with
+Each problem applies 2–3 operations (``+ - * /``; both adjustable) to numbers below 100, left to right, with
 every intermediate result a non-negative integer below 1000 and every division exact, so a
 tiny model can learn the steps. Problems are either bare expressions (parenthesized so the
 written order of operations is the evaluation order) or short word problems. The worked
@@ -26,7 +26,7 @@ _WORD_OPS = {
 }
 
 
-def _pick_ops(rng: random.Random, start: int, count: int) -> list[tuple[str, int, int]]:
+def _pick_ops(rng: random.Random, start: int, count: int, max_operand: int = 99) -> list[tuple[str, int, int]]:
     """``count`` steps ``(op, operand, result)`` from ``start``, all results integers in [0, 1000)."""
     steps = []
     value = start
@@ -35,13 +35,13 @@ def _pick_ops(rng: random.Random, start: int, count: int) -> list[tuple[str, int
         rng.shuffle(choices)
         for op in choices:
             if op == "+" and value + 1 < 1000:
-                b = rng.randint(1, min(99, 999 - value))
+                b = rng.randint(1, min(max_operand, 999 - value))
                 result = value + b
             elif op == "-" and value >= 1:
-                b = rng.randint(1, min(99, value))
+                b = rng.randint(1, min(max_operand, value))
                 result = value - b
             elif op == "*" and 0 < value * 2 < 1000:
-                b = rng.randint(2, min(9, 999 // value))
+                b = rng.randint(2, max(2, min(9, max_operand, 999 // value)))
                 result = value * b
             elif op == "/":
                 divisors = [d for d in range(2, 10) if value >= d and value % d == 0]
@@ -69,9 +69,10 @@ def _expression(start: int, steps: list[tuple[str, int, int]], symbols: dict[str
     return expr
 
 
-def generate(rng: random.Random) -> Sample:
-    start = rng.randint(2, 99)
-    steps = _pick_ops(rng, start, rng.randint(2, 3))
+def generate(rng: random.Random, operations: tuple[int, int] = (2, 3), max_operand: int = 99) -> Sample:
+    """One problem with ``operations[0]..operations[1]`` steps on numbers up to ``max_operand``."""
+    start = rng.randint(2, max_operand)
+    steps = _pick_ops(rng, start, rng.randint(*operations), max_operand)
     answer = steps[-1][2]
     expression = _expression(start, steps, {op: op if op != "/" else "//" for op in SYMBOL})
     lines = []
@@ -85,7 +86,9 @@ def generate(rng: random.Random) -> Sample:
     else:
         name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
         actions = [rng.choice(_WORD_OPS[op]).format(b=b) for op, b, _ in steps]
-        if len(actions) == 2:
+        if len(actions) == 1:
+            story = f"{name} then {actions[0]}"
+        elif len(actions) == 2:
             story = f"{name} then {actions[0]} and after that {actions[1]}"
         else:
             story = f"{name} then {actions[0]}, after that {actions[1]}, and finally {actions[2]}"

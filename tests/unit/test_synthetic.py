@@ -128,3 +128,29 @@ def test_specs_and_registration():
                 {"kind": "synthetic-code", "format": "html"}, {"kind": "synthetic-code", "extra": 1}):
         with pytest.raises(ValidationError):
             model.model_validate(bad)
+
+
+def test_arithmetic_difficulty_knobs():
+    import re
+
+    src = SyntheticSource("synthetic-arithmetic", seed=3, num_documents=200, options={"operations": (1, 1), "max_operand": 12})
+    for i in range(200):
+        s = src.sample(i)
+        steps = [l for l in s.response.splitlines() if re.fullmatch(r"\d+ [+\-×÷] \d+ = \d+", l)]
+        assert len(steps) == 1, s.response
+        a, _, b, _, c = steps[0].split()
+        assert int(a) <= 12 and int(b) <= 12
+        assert s.meta["answer"] == c
+    default = SyntheticSource("synthetic-arithmetic", seed=3, num_documents=5)
+    assert default.sample(0) == SyntheticSource("synthetic-arithmetic", seed=3, num_documents=5, options={}).sample(0)
+
+
+def test_arithmetic_knobs_are_validated_in_specs():
+    from phi4_engine.engine import Engine
+    from phi4_engine.errors import SpecError
+    from tests.conftest import tiny_pretrain_spec
+
+    data = tiny_pretrain_spec()
+    data["stages"][0]["data"]["sources"][0].update(operations=[3, 1])
+    with pytest.raises(SpecError, match="operations must be"):
+        Engine(data).validate()
