@@ -16,6 +16,8 @@ shares:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import hashlib
 import json
 import os
@@ -101,7 +103,7 @@ class Judge(Protocol):
         ...
 
 
-class BaseJudge:
+class BaseJudge(ABC):
     """Convenience base: subclasses implement :meth:`score`; failures name ``origin``.
 
     ``origin`` is the plugin as :class:`phi4_engine.manager.PluginOrigin` prints it, e.g.
@@ -113,8 +115,9 @@ class BaseJudge:
     origin: str = "unknown plugin"
     concurrency: int = 1
 
+    @abstractmethod
     def score(self, prompt: list[dict[str, str]] | str, response: str, *, reference: dict[str, Any] | None = None) -> Verdict:
-        raise NotImplementedError
+        """One verdict, or raise :class:`JudgeError` (via :meth:`failure`)."""
 
     def failure(self, kind: FailureKind, message: str, raw: str | None = None) -> JudgeError:
         """A :class:`JudgeError` whose message names this judge, its plugin and version."""

@@ -1,4 +1,5 @@
-"""Plain descriptions of LR schedules and parallel layouts, translated in ``phi4_engine.titan``."""
+"""Plain descriptions of LR schedules, parallel layouts and preference losses, translated in
+``phi4_engine.titan``."""
 
 from __future__ import annotations
 
@@ -20,3 +21,11 @@ class Layout:
 
     dp_shard: int = -1
     tp: int = 1
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """A DPO-family loss: ``kind`` ("dpo-sigmoid" | "ipo") and its β (``phi4_engine.titan.dpo``)."""
+
+    kind: str
+    beta: float = 0.1

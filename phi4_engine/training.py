@@ -268,5 +268,6 @@ class LMStage:
         if self.loaders:
             loader = self.loaders[-1]
             summary["data"] = loader.stats()
+            summary["data_reports"] = loader.reports()
             print(f"\n{self.ctx.stage_name}: data drawn per source\n{loader.table()}\n", file=sys.stderr)
         return summary

@@ -308,6 +308,10 @@ class MixtureLoader:
         """Global samples cut so far (all ranks together)."""
         return self._samples
 
+    def reports(self) -> dict[str, Any]:
+        """Each source's own ``report()`` (bad-input counts, decontamination…), by source name."""
+        return {c.source.name: c.source.report() for c in self._cursors if hasattr(c.source, "report")}
+
     def stats(self) -> list[dict[str, Any]]:
         """Per source: name, weight (target share), tokens and documents drawn, unique, epochs."""
         out = []

@@ -29,3 +29,5 @@ def test_pretrain_writes_quarantine_and_decontamination_report(tmp_path):
     web = report["sources"]["web"]
     assert (web["scanned"], web["kept"], web["dropped"]) == (199, 198, {"ngram": 1, "ratio": 0})
     assert web["examples"]["ngram"] == [{"id": "web.jsonl:41", "item": "gsm.jsonl:1", "ratio": None}]
+    ledger = orjson.loads((run / "ledger.json").read_bytes())
+    assert ledger["stages"]["pretrain"]["data_reports"]["web"]["dropped"] == {"ngram": 1, "ratio": 0}
