@@ -32,8 +32,31 @@ def need(available: frozenset[str], *layers: str) -> None:
         pytest.skip(f"layers not available on this machine: {sorted(missing)}")
 
 
+_BEFORE: set[int] = set()
+"""Children this test process already had before the test ran (e.g. a multiprocessing
+forkserver left by an earlier test in the session): not the sandbox's doing."""
+
+
+def _children() -> set[int]:
+    me, out = os.getpid(), set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if int(Path(f"/proc/{name}/stat").read_bytes().rsplit(b")", 1)[1].split()[1]) == me:
+                    out.add(int(name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _note_existing_children():
+    _BEFORE.clear()
+    _BEFORE.update(_children())
+
+
 def leftovers(result: SandboxResult) -> list[str]:
-    """Processes still alive from a run: in its session, with its uid, or children of this test."""
+    """Processes still alive from a run: in its session, with its uid, or new children of this test."""
     found = []
     me = os.getpid()
     for name in os.listdir("/proc"):
@@ -46,7 +69,7 @@ def leftovers(result: SandboxResult) -> list[str]:
                        if line.startswith("Uid:"))
         except (OSError, StopIteration, ValueError):
             continue
-        mine = int(ppid) == me
+        mine = int(ppid) == me and int(name) not in _BEFORE
         if state == b"Z" and not mine:
             continue  # dead, waiting for init to reap it
         if mine or int(session) == result.session or (result.uid is not None and uid == result.uid):

@@ -192,7 +192,8 @@ try:
     out["grad"] = model.weight.grad.full_tensor().tolist()
 except RuntimeError as exc:
     out["error"] = str(exc)
-print(json.dumps(out))
+print(json.dumps(out), flush=True)
+dist.barrier()  # neither rank tears gloo down while the other is still in a collective
 dist.destroy_process_group()
 """
 
