@@ -59,7 +59,8 @@ def phi4_register_tokenizers(register: Register) -> None:
 def phi4_register_losses(register: Register) -> None:
     """Register loss kinds (``cross-entropy``, ``dpo-sigmoid``, ``ipo``…).
 
-    ``factory(loss_spec)`` returns a callable loss object for the stage that asks for it.
+    ``factory(loss_spec)`` returns a plain description the stage's trainer understands (e.g.
+    :class:`phi4_engine.choices.PreferenceLoss`); the math lives in ``phi4_engine.titan``.
     """
 
 
@@ -67,7 +68,7 @@ def phi4_register_losses(register: Register) -> None:
 def phi4_register_schedulers(register: Register) -> None:
     """Register learning-rate scheduler kinds (``warmup-cosine``, ``warmup-linear``…).
 
-    ``factory(scheduler_spec, steps)`` returns a :class:`phi4_engine.schedule.Schedule`.
+    ``factory(scheduler_spec)`` returns a :class:`phi4_engine.choices.Schedule`.
     """
 
 
@@ -75,7 +76,7 @@ def phi4_register_schedulers(register: Register) -> None:
 def phi4_register_parallelisms(register: Register) -> None:
     """Register parallelism kinds (``single``, ``fsdp2``…).
 
-    ``factory(parallelism_spec)`` returns a :class:`phi4_engine.parallelism.Layout`.
+    ``factory(parallelism_spec)`` returns a :class:`phi4_engine.choices.Layout`.
     """
 
 

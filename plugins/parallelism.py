@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from phi4_engine import hookimpl
-from phi4_engine.schedule import Layout
+from phi4_engine.choices import Layout
 from phi4_engine.spec.base import SpecModel
 
 

@@ -235,7 +235,7 @@ def test_init_weights_are_required(tmp_path):
 
 def test_losses_are_registered_as_plugins():
     from phi4_engine.manager import PluginHost
-    from phi4_engine.schedule import PreferenceLoss
+    from phi4_engine.choices import PreferenceLoss
 
     registry = PluginHost().collect_registry()
     assert {"cross-entropy", "dpo-sigmoid", "ipo"} <= set(registry.kinds["loss"])

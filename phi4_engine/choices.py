@@ -1,5 +1,8 @@
-"""Plain descriptions of LR schedules, parallel layouts and preference losses, translated in
-``phi4_engine.titan``."""
+"""What a spec chose, as plain values: LR schedule, parallel layout, preference loss.
+
+Plugins' factories return these; ``phi4_engine.titan`` translates them into torchtitan's
+configs, so nothing outside ``titan/`` needs torchtitan's types.
+"""
 
 from __future__ import annotations
 
