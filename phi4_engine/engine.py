@@ -176,6 +176,11 @@ class Engine:
                     result.stages[name] = StageResult(name, kind, "skipped", entry)
                     continue
                 if invalidated and entry:
+                    # Built on weights that no longer exist: keep its folder (nothing is deleted)
+                    # but out of the way, so the stage starts fresh instead of resuming.
+                    stale = rundir.stage_dir(name)
+                    if stale.exists():
+                        stale.rename(stale.with_name(f"{name}.invalidated-{int(now())}"))
                     ledger["stages"][name] = {"status": "invalidated", "kind": kind}
                 if selected is not None and name not in selected:
                     if entry.get("status") != "done" or invalidated:

@@ -113,3 +113,23 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     straight = tmp_path / "straight"
     Engine.from_file(spec, run_dir=straight).run()
     assert [r["loss"] for r in rows] == [r["loss"] for r in _metrics(straight)]
+
+
+def test_deleting_a_stage_folder_reruns_it_and_the_stages_after(tmp_path):
+    data = tiny_pretrain_spec(steps=4)
+    second = {**data["stages"][0], "name": "more", "steps": 3}
+    data["stages"].append(second)
+    spec = write_spec(tmp_path / "spec.json", data)
+    run_dir = tmp_path / "run"
+    first = Engine.from_file(spec, run_dir=run_dir).run()
+    assert first.stages["more"].summary["init_weights_sha256"] == first.stages["pretrain"].summary["weights_sha256"]
+
+    import shutil
+
+    shutil.rmtree(run_dir / "pretrain")
+    again = Engine.from_file(spec, run_dir=run_dir).run()
+    assert again.stages["pretrain"].status == again.stages["more"].status == "done"
+    assert [r["step"] for r in _metrics(run_dir, "more")] == [1, 2, 3]  # fresh, not resumed
+    assert list(run_dir.glob("more.invalidated-*")), "the stale folder is kept, out of the way"
+    assert again.stages["more"].summary["init_weights_sha256"] == again.stages["pretrain"].summary["weights_sha256"]
+    assert again.stages["pretrain"].summary["weights_sha256"] == first.stages["pretrain"].summary["weights_sha256"]
