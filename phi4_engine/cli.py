@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("spec")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
 
+    evaluate = sub.add_parser("eval", help="run a finished stage's evaluations again on its final weights")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--stage", help="stage name (default: the last finished stage)")
+
     plugins = sub.add_parser("plugins", help="list installed plugins, their hooks and kinds")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -58,6 +62,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     spec = engine.validate()
     kinds = ", ".join(f"{s.name} ({s.kind})" for s in spec.stages)  # type: ignore[attr-defined]
     print(f"{args.spec}: ok — {spec.name}: {kinds}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from phi4_engine.engine import Engine
+
+    print(json.dumps(Engine.from_run_dir(args.run_dir).evaluate(args.stage), indent=2))
     return 0
 
 
@@ -127,7 +138,7 @@ def _print_summary(result: Any) -> None:
     Console(file=sys.stderr).print(table)
 
 
-COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "plugins": _cmd_plugins, "stages": _cmd_stages, "schema": _cmd_schema, "data": _cmd_data}
+COMMANDS = {"eval": _cmd_eval, "run": _cmd_run, "validate": _cmd_validate, "plugins": _cmd_plugins, "stages": _cmd_stages, "schema": _cmd_schema, "data": _cmd_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -220,7 +220,7 @@ class Engine:
         """
         from phi4_engine.titan.generate import Generator
 
-        entry = self._finished_entry(stage)
+        _, entry = self._finished_entry(stage)
         tokenizer = self.registry.build("tokenizer", self.validate().tokenizer)
         prompt_len = max(len(tokenizer.encode_chat(c, add_generation_prompt=True)[0]) for c in conversations)
         model = load_weights(self._weights(entry), tokenizer.vocab_size, prompt_len + max_new_tokens)
@@ -229,7 +229,25 @@ class Engine:
             tokenizer, conversations, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
         )
 
-    def _finished_entry(self, stage: str | None) -> dict[str, Any]:
+    @classmethod
+    def from_run_dir(cls, run_dir: str | os.PathLike[str], *, plugins: Iterable[Any] = ()) -> "Engine":
+        """The engine of an existing run, from the resolved spec it wrote."""
+        path = Path(run_dir) / "spec.json"
+        if not path.exists():
+            raise EngineError(f"{run_dir}: not a run directory (no spec.json)")
+        return cls(orjson.loads(path.read_bytes()), origin=str(path), base_dir=Path(run_dir), run_dir=run_dir, plugins=plugins)
+
+    def evaluate(self, stage: str | None = None) -> dict[str, Any]:
+        """Run a finished stage's evaluations again on its final weights (default: the last one)."""
+        name, entry = self._finished_entry(stage)
+        stage_spec = next(s for s in self.validate().stages if s.name == name)  # type: ignore[attr-defined]
+        tokenizer = self.registry.build("tokenizer", self.validate().tokenizer)
+        evaluator = Evaluator(stage_spec, self._eval_context(tokenizer), str(self.run_dir.stage_dir(name)))
+        if not evaluator:
+            raise EngineError(f"stage {name!r} declares no evaluations")
+        return {"stage": name, "after": evaluator.run("after", self._weights(entry), force=True)}
+
+    def _finished_entry(self, stage: str | None) -> tuple[str, dict[str, Any]]:
         ledger = self.run_dir.read_ledger()
         done = {n: e for n, e in ledger.get("stages", {}).items() if e.get("status") == "done"}
         if not done:
@@ -239,7 +257,7 @@ class Engine:
             stage = order[-1]
         if stage not in done:
             raise EngineError(f"stage {stage!r} has not finished in {self.run_dir.path} (finished: {', '.join(done)})")
-        return done[stage]
+        return stage, done[stage]
 
     def _run_one(self, rundir: RunDir, ledger: dict[str, Any], stage_spec: Any, tokenizer: Any, previous: dict[str, Any]) -> dict[str, Any]:
         name, kind = stage_spec.name, stage_spec.kind

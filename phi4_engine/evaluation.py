@@ -65,10 +65,10 @@ class Evaluator:
             return orjson.loads(open(self.path, "rb").read())
         return {}
 
-    def run(self, label: str, weights: WeightsRef) -> dict[str, dict[str, float]]:
-        """Evaluate ``weights`` as ``label`` ("before"/"after"); cached in eval.json."""
+    def run(self, label: str, weights: WeightsRef, *, force: bool = False) -> dict[str, dict[str, float]]:
+        """Evaluate ``weights`` as ``label`` ("before"/"after"); cached in eval.json unless ``force``."""
         saved = self.results()
-        if label in saved:
+        if label in saved and not force:
             return saved[label]
         max_len = max(getattr(e, "max_seq_len", 0) for _, e in self.evals) or 1024
         model = load_weights(weights, self.ctx.tokenizer.vocab_size, max_len)

@@ -75,3 +75,20 @@ def test_unimplemented_stage_refuses_with_one_line(tmp_path):
     result = run_cli("run", str(SPECS / "dpo-judge.json"), "--run-dir", str(tmp_path / "r"))
     assert result.returncode == 1
     assert "cannot run in this version" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_reruns_a_finished_stage_evaluations(tmp_path):
+    data = tiny_pretrain_spec(steps=4)
+    data["stages"][0]["evaluations"] = [
+        {"kind": "heldout-loss", "name": "heldout", "source": {"kind": "synthetic-prose", "name": "held"}, "lengths": [32], "sequences": 2}
+    ]
+    spec = write_spec(tmp_path / "spec.json", data)
+    run_dir = tmp_path / "run"
+    assert run_cli("run", str(spec), "--run-dir", str(run_dir)).returncode == 0
+    saved = json.loads((run_dir / "pretrain" / "eval.json").read_text())["after"]["heldout"]["loss@32"]
+    result = run_cli("eval", str(run_dir), "--stage", "pretrain")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["stage"] == "pretrain" and out["after"]["heldout"]["loss@32"] == saved  # same weights, same loss
+    missing = run_cli("eval", str(tmp_path / "nowhere"))
+    assert missing.returncode == 1 and "not a run directory" in missing.stderr and "Traceback" not in missing.stderr
