@@ -53,6 +53,7 @@ from torchtitan.tools.logging import logger as titan_logger
 from torchtitan.trainer import Trainer
 
 from phi4_engine.data.mixture import IGNORE_INDEX  # torchtitan's value too
+from phi4_engine.errors import EngineError
 from phi4_engine.titan import attention
 from phi4_engine.titan.generate import load_model, load_model_weights
 from phi4_engine.titan.trainer import (
@@ -399,7 +400,7 @@ class Phi4DPOTrainer(Phi4Trainer):
             raise ValueError("DPO starts from the previous stage's weights: set checkpoint.initial_load_path")
         super().__init__(config)
         if self.parallel_dims.pp_enabled or self.parallel_dims.tp_enabled:
-            raise NotImplementedError("DPO supports data parallelism (FSDP) only, not PP or TP")
+            raise EngineError("DPO supports data parallelism (FSDP) only, not pipeline or tensor parallelism (issue #8)")
         batch_degree = self.parallel_dims.get_mesh("batch").size() if self.parallel_dims.dp_enabled else 1
         self.pairs_per_step = config.training.local_batch_size * self.gradient_accumulation_steps * batch_degree
         self.reference: nn.Module | None = None
@@ -437,7 +438,7 @@ class Phi4DPOTrainer(Phi4Trainer):
 
     def forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
         if not isinstance(input_dict, dict):
-            raise NotImplementedError("DPO does not support pipeline parallelism")
+            raise EngineError("DPO does not support pipeline parallelism (issue #8)")
         input_dict = dict(input_dict)
         loss_mask = input_dict.pop("loss_mask")
         ref_logp = input_dict.pop("ref_logp", None)
@@ -484,10 +485,10 @@ class _SizeOnlyTokenizer:
         self.vocab_size = vocab_size
 
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError("DPO batches arrive tokenized")
+        raise TypeError("DPO batches arrive tokenized; this placeholder only reports the vocabulary size")
 
     def decode(self, ids: list[int]) -> str:
-        raise NotImplementedError("DPO batches arrive tokenized")
+        raise TypeError("DPO batches arrive tokenized; this placeholder only reports the vocabulary size")
 
 
 @dataclass
