@@ -43,7 +43,9 @@ IDENTITY_FIELDS = ("seed", "model", "tokenizer")
 
 class RunDir:
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+        # Absolute: checkpoint paths recorded in the ledger are handed to torchtitan (which
+        # requires absolute paths) and must not depend on the working directory of a later run.
+        self.path = Path(path).absolute()
         self.ledger_path = self.path / "ledger.json"
 
     def stage_dir(self, stage: str) -> Path:

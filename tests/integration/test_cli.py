@@ -92,3 +92,16 @@ def test_eval_reruns_a_finished_stage_evaluations(tmp_path):
     assert out["stage"] == "pretrain" and out["after"]["heldout"]["loss@32"] == saved  # same weights, same loss
     missing = run_cli("eval", str(tmp_path / "nowhere"))
     assert missing.returncode == 1 and "not a run directory" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_relative_run_dir_hands_weights_to_the_next_stage(tmp_path):
+    """`make demo` passes a relative --run-dir; the handoff path must still work."""
+    data = tiny_pretrain_spec(steps=3)
+    data["stages"].append({**data["stages"][0], "name": "more", "steps": 2})
+    write_spec(tmp_path / "spec.json", data)
+    result = run_cli("run", "spec.json", "--run-dir", "runs/rel", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    ledger = json.loads((tmp_path / "runs" / "rel" / "ledger.json").read_text())
+    more = ledger["stages"]["more"]
+    assert more["init_weights_sha256"] == ledger["stages"]["pretrain"]["weights_sha256"]
+    assert more["init_checkpoint"].startswith(str(tmp_path))
