@@ -491,41 +491,20 @@ class _SizeOnlyTokenizer:
         raise TypeError("DPO batches arrive tokenized; this placeholder only reports the vocabulary size")
 
 
-@dataclass
-class DPOJob:
-    """Everything a DPO stage needs from torchtitan. ``batch_size`` and ``global_batch_size``
-    count PAIRS; ``make_loader(dp_rank, dp_world_size, seq_len, batch_size)`` returns a stateful
-    iterator of pair batches (``pairs_loader``)."""
+@dataclass(kw_only=True)
+class DPOJob(LMJob):
+    """An :class:`LMJob` for preference pairs. ``batch_size`` and ``global_batch_size`` count
+    PAIRS; ``make_loader(dp_rank, dp_world_size, seq_len, batch_size)`` returns a stateful
+    iterator of pair batches (``pairs_loader``). ``init_weights_from`` is required (checked when
+    the config is built): DPO starts from the previous stage's weights."""
 
-    dump_folder: str
-    flavor: str
-    vocab_size: int
-    rope_theta: float
-    seq_len: int
-    steps: int
-    batch_size: int
-    lr: float
-    make_loader: Callable[[int, int, int, int], Any]
-    init_weights_from: str
     loss: str = "dpo-sigmoid"
     beta: float = 0.1
     reference: str = "live"  # "live" | "cached"
-    tokenizer: Any = None
-    seed: int = 0
-    warmup_steps: int = 0
+    tokenizer: Any = None  # batches arrive tokenized; only the vocabulary size is needed
     decay_type: str = "linear"
     min_lr_factor: float = 0.0
-    dp_shard: int = -1
     weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    max_norm: float = 1.0
-    checkpoint_interval: int = 100
-    keep_latest_k: int = 2
-    global_batch_size: int = -1
-    attention: str = "sdpa"
-    on_start: Callable[[int], None] | None = None
-    on_step: Callable[[int, dict[str, float]], None] | None = None
-    on_checkpoint: Callable[[int, str], None] | None = None
 
 
 @dataclass
@@ -543,17 +522,7 @@ def dpo_trainer_config(job: DPOJob) -> Phi4DPOTrainer.Config:
         raise ValueError("DPO starts from the previous stage's weights: init_weights_from is required")
     if not os.path.isabs(job.init_weights_from):
         raise ValueError(f"init_weights_from must be an absolute path, got {job.init_weights_from!r}")
-    lm = LMJob(
-        dump_folder=job.dump_folder, flavor=job.flavor, vocab_size=job.vocab_size,
-        rope_theta=job.rope_theta, seq_len=job.seq_len, steps=job.steps, batch_size=job.batch_size,
-        lr=job.lr, make_loader=job.make_loader,
-        tokenizer=job.tokenizer or _SizeOnlyTokenizer(job.vocab_size), seed=job.seed,
-        warmup_steps=job.warmup_steps, decay_type=job.decay_type, min_lr_factor=job.min_lr_factor,
-        dp_shard=job.dp_shard, weight_decay=job.weight_decay, betas=job.betas,
-        max_norm=job.max_norm, checkpoint_interval=job.checkpoint_interval,
-        keep_latest_k=job.keep_latest_k, init_weights_from=job.init_weights_from,
-        global_batch_size=job.global_batch_size, attention=job.attention,
-    )  # fmt: skip
+    lm = dataclasses.replace(job, tokenizer=job.tokenizer or _SizeOnlyTokenizer(job.vocab_size))
     base = trainer_config(lm)
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
     # The LM loss object is built by torchtitan but never called: DPO computes its own loss.

@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import orjson
@@ -88,7 +88,7 @@ class EngineDataLoader(BaseDataLoader):
             self.loader.load_state_dict(orjson.loads(state_dict[f"dp_rank_{self.dp_rank}"]))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LMJob:
     """Everything an LM stage (pretrain, midtrain, sft) needs from torchtitan."""
 
@@ -116,7 +116,6 @@ class LMJob:
     init_weights_from: str | None = None
     global_batch_size: int = -1
     attention: str = "sdpa"
-    shape_overrides: dict[str, Any] = field(default_factory=dict)
     on_start: Callable[[int], None] | None = None
     on_step: Callable[[int, dict[str, float]], None] | None = None
     on_checkpoint: Callable[[int, str], None] | None = None
