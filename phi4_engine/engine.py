@@ -281,6 +281,8 @@ class Engine:
             tokenizer=tokenizer,
             init_checkpoint=init,
             notify=self.host.notify,
+            init_weights=self._weights(previous) if init else None,
+            init_weights_sha256=previous.get("weights_sha256"),
             extra={"spec_dir": self.base_dir},
         )
         runner = self.registry.build("stage", stage_spec, ctx)

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from phi4_engine.errors import SpecError
+from phi4_engine.errors import DataError, SpecError
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -35,6 +35,45 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class AppendLog:
+    """A JSONL file that survives crashes: each record is one flushed + fsync'd line, and a line
+    torn by a crash mid-append is cut off when the file is opened again. ``records`` holds what
+    was on disk at open time plus what this instance appended."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.records: list[Any] = []
+        if self.path.exists():
+            data = self.path.read_bytes()
+            whole = data[: data.rfind(b"\n") + 1]
+            if len(whole) != len(data):
+                with open(self.path, "r+b") as f:
+                    f.truncate(len(whole))
+                    os.fsync(f.fileno())
+            for lineno, line in enumerate(whole.splitlines(), 1):
+                try:
+                    self.records.append(orjson.loads(line))
+                except orjson.JSONDecodeError as exc:
+                    raise DataError(f"{self.path}:{lineno}: not a JSON record ({exc})") from None
+        self._file = open(self.path, "ab")
+
+    def append(self, record: Any) -> None:
+        self._file.write(orjson.dumps(record) + b"\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.records.append(record)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "AppendLog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # Fields that define what a run *is*: changing them under an existing run dir is refused.

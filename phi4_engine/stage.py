@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from pydantic import Field, model_validator
 
+from phi4_engine.evaluation import WeightsRef
 from phi4_engine.spec.base import EvaluationRef, SpecModel
 
 
@@ -43,6 +44,10 @@ class StageContext:
     """Previous stage's final checkpoint (weights only) — None for the first stage."""
     notify: Callable[..., None]
     """``notify(hook_name, **kwargs)`` calls a lifecycle hook."""
+    init_weights: WeightsRef | None = None
+    """``init_checkpoint`` with the model it belongs to (flavor, RoPE base), for loading it."""
+    init_weights_sha256: str | None = None
+    """The previous stage's ``weights_sha256``: keys caches computed from the starting weights."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -138,6 +138,63 @@ def _history(stage_dir: str) -> list[dict[str, Any]]:
         return [orjson.loads(line) for line in f if line.strip()]
 
 
+class StageProgress:
+    """Turns a trainer's callbacks into lifecycle notifications and keeps the step losses, so
+    every training stage (LM or DPO) reports the same way."""
+
+    def __init__(self, ctx: StageContext, kind: str, total_steps: int) -> None:
+        self.ctx, self.kind, self.total = ctx, kind, total_steps
+        self.losses: dict[int, float] = {}
+
+    def on_start(self, step: int) -> None:
+        ctx = self.ctx
+        ctx.notify(
+            "phi4_stage_start", run_dir=ctx.run_dir, stage=ctx.stage_name, kind=self.kind,
+            stage_dir=ctx.stage_dir, total_steps=self.total, start_step=step,
+        )  # fmt: skip
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        metrics = dict(metrics)
+        lr = next((v for k, v in metrics.items() if k.startswith("lr")), None)
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("lr")}
+        if lr is not None:
+            metrics["lr"] = lr
+        self.losses[step] = metrics["loss"]
+        self.ctx.notify("phi4_step_end", stage=self.ctx.stage_name, stage_dir=self.ctx.stage_dir, step=step, metrics=metrics)
+
+    def on_checkpoint(self, step: int, path: str) -> None:
+        self.ctx.notify("phi4_checkpoint_saved", stage=self.ctx.stage_name, step=step, path=path)
+
+    def callbacks(self) -> dict[str, Callable[..., None]]:
+        return {"on_start": self.on_start, "on_step": self.on_step, "on_checkpoint": self.on_checkpoint}
+
+    def loss_summary(self) -> dict[str, float | None]:
+        """First loss and the mean of the last five, over the whole stage (resumes included)."""
+        history = {row["step"]: row["loss"] for row in _history(self.ctx.stage_dir) if "loss" in row}
+        history.update(self.losses)
+        steps_sorted = sorted(history)
+        tail = [history[s] for s in steps_sorted[-5:]]
+        return {
+            "loss_first": history[steps_sorted[0]] if steps_sorted else None,
+            "loss_last": sum(tail) / len(tail) if tail else None,
+        }
+
+
+def write_model_config(ctx: StageContext, *, flavor: str, rope_theta: float, seq_len: int) -> dict[str, Any]:
+    """``<stage>/model.json``: the model the stage's weights belong to."""
+    model_config = {
+        "flavor": flavor,
+        "vocab_size": ctx.tokenizer.vocab_size,
+        "rope_theta": rope_theta,
+        "seq_len": seq_len,
+        "tokenizer": ctx.tokenizer.name,
+        "tokenizer_fingerprint": ctx.tokenizer.fingerprint,
+    }
+    os.makedirs(ctx.stage_dir, exist_ok=True)
+    atomic_write(Path(ctx.stage_dir) / "model.json", orjson.dumps(model_config, option=orjson.OPT_INDENT_2))
+    return model_config
+
+
 def run_lm_stage(
     ctx: StageContext,
     spec: LMStageSpec,
@@ -153,26 +210,7 @@ def run_lm_stage(
     layout = ctx.registry.build("parallelism", run_spec.parallelism)
     ctx.registry.build("loss", spec.loss)
     total = spec.total_steps
-    losses: dict[int, float] = {}
-
-    def on_start(step: int) -> None:
-        ctx.notify(
-            "phi4_stage_start", run_dir=ctx.run_dir, stage=ctx.stage_name, kind=spec.kind,  # type: ignore[attr-defined]
-            stage_dir=ctx.stage_dir, total_steps=total, start_step=step,
-        )
-
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        metrics = dict(metrics)
-        lr = next((v for k, v in metrics.items() if k.startswith("lr")), None)
-        metrics = {k: v for k, v in metrics.items() if not k.startswith("lr")}
-        if lr is not None:
-            metrics["lr"] = lr
-        losses[step] = metrics["loss"]
-        ctx.notify("phi4_step_end", stage=ctx.stage_name, stage_dir=ctx.stage_dir, step=step, metrics=metrics)
-
-    def on_checkpoint(step: int, path: str) -> None:
-        ctx.notify("phi4_checkpoint_saved", stage=ctx.stage_name, step=step, path=path)
-
+    progress = StageProgress(ctx, spec.kind, total)  # type: ignore[attr-defined]
     batch_local = spec.micro_batch_size or spec.batch_size
     job = LMJob(
         dump_folder=ctx.stage_dir,
@@ -198,25 +236,10 @@ def run_lm_stage(
         checkpoint_interval=run_spec.checkpoint.interval,
         keep_latest_k=run_spec.checkpoint.keep_latest_k,
         init_weights_from=ctx.init_checkpoint,
-        on_start=on_start,
-        on_step=on_step,
-        on_checkpoint=on_checkpoint,
+        **progress.callbacks(),
     )
-    model_config = {
-        "flavor": run_spec.model.flavor,
-        "vocab_size": job.vocab_size,
-        "rope_theta": job.rope_theta,
-        "seq_len": spec.seq_len,
-        "tokenizer": ctx.tokenizer.name,
-        "tokenizer_fingerprint": ctx.tokenizer.fingerprint,
-    }
-    os.makedirs(ctx.stage_dir, exist_ok=True)
-    atomic_write(Path(ctx.stage_dir) / "model.json", orjson.dumps(model_config, option=orjson.OPT_INDENT_2))
+    model_config = write_model_config(ctx, flavor=job.flavor, rope_theta=job.rope_theta, seq_len=spec.seq_len)
     result = run_lm(job)
-    history = {row["step"]: row["loss"] for row in _history(ctx.stage_dir) if "loss" in row}
-    history.update(losses)
-    steps_sorted = sorted(history)
-    tail = [history[s] for s in steps_sorted[-5:]]
     return {
         "steps": result.step,
         "tokens": result.tokens,
@@ -224,10 +247,7 @@ def run_lm_stage(
         "weights_sha256": result.weights_sha256,
         "init_weights_sha256": result.init_weights_sha256,
         "model": model_config,
-        "metrics": {
-            "loss_first": history[steps_sorted[0]] if steps_sorted else None,
-            "loss_last": sum(tail) / len(tail) if tail else None,
-        },
+        "metrics": progress.loss_summary(),
     }
 
 

@@ -7,7 +7,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from phi4_engine import hookimpl
-from phi4_engine.spec.base import DataSourceRef, SpecModel, VerifierRef
+from phi4_engine.errors import EngineError
+from phi4_engine.spec.base import DataSourceRef, JudgeRef, SpecModel, VerifierRef
 
 
 class _EvalSpec(SpecModel):
@@ -58,6 +59,26 @@ class HeldoutLoss:
         return out
 
 
+def chat_problems(source: Any, count: int, evaluation: str) -> list[tuple[list[dict[str, str]], dict[str, Any]]]:
+    """The first ``count`` chat records of ``source`` as (conversation without the answer, meta)."""
+    out = []
+    for doc in source.documents():
+        if doc.messages is None or not doc.meta:
+            raise ValueError(f"{evaluation} needs chat records with task meta; {doc.id} has none")
+        out.append(([m for m in doc.messages if m["role"] != "assistant"], doc.meta))
+        if len(out) == count:
+            break
+    return out
+
+
+def greedy_answers(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int) -> list[str]:
+    from phi4_engine.titan.generate import Generator
+
+    generator = Generator(model, eos_ids={tokenizer.im_end_id, tokenizer.eos_id}, pad_id=tokenizer.pad_id)
+    prompts = [tokenizer.encode_chat(messages, add_generation_prompt=True)[0] for messages in conversations]
+    return [tokenizer.decode(o) for o in generator.generate(prompts, max_new_tokens=max_new_tokens)]
+
+
 class TaskAccuracySpec(_EvalSpec):
     """Share of held-out problems whose greedy answer is right."""
 
@@ -79,29 +100,53 @@ class TaskAccuracy:
         self.verifier = ctx.registry.build("verifier", spec.verifier)
         self.max_seq_len = 1024
 
-    def _problems(self) -> list[tuple[list[dict[str, str]], dict[str, Any]]]:
-        out = []
-        for doc in self.source.documents():
-            if doc.messages is None or not doc.meta:
-                raise ValueError(f"task-accuracy needs chat records with task meta; {doc.id} has none")
-            prompt = [m for m in doc.messages if m["role"] != "assistant"]
-            out.append((prompt, doc.meta))
-            if len(out) == self.spec.problems:
-                break
-        return out
+    def run(self, model: Any) -> dict[str, float]:
+        problems = chat_problems(self.source, self.spec.problems, "task-accuracy")
+        answers = greedy_answers(model, self.tokenizer, [p for p, _ in problems], self.spec.max_new_tokens)
+        verdicts = self.verifier.verify_many((meta, answer) for answer, (_, meta) in zip(answers, problems))
+        return {"accuracy": sum(verdicts) / len(problems), "problems": float(len(problems))}
+
+
+class JudgeScoreSpec(_EvalSpec):
+    """Mean judge scores (accuracy, style, detail, and their mean) of greedy answers to held-out prompts."""
+
+    kind: Literal["judge-score"]
+    source: DataSourceRef  # type: ignore[valid-type]
+    """Chat records with task meta (what the judge may compare against)."""
+    problems: int = Field(50, ge=1)
+    max_new_tokens: int = Field(96, ge=1)
+    judge: JudgeRef = Field(default_factory=lambda: {"kind": "rule"}, validate_default=True)  # type: ignore[assignment]
+
+
+class JudgeScore:
+    """A failed judgment is counted (``failed``) and left out of the means, never scored; an
+    evaluation where every judgment failed is an error."""
+
+    def __init__(self, spec: JudgeScoreSpec, ctx: Any) -> None:
+        self.spec = spec
+        self.tokenizer = ctx.tokenizer
+        self.source = ctx.build_source(spec.source)
+        self.judge = ctx.registry.build("judge", spec.judge)
+        self.max_seq_len = 1024
 
     def run(self, model: Any) -> dict[str, float]:
-        from phi4_engine.titan.generate import Generator
+        from phi4_engine.judging import DIMENSIONS, JudgeItem, Verdict
 
-        problems = self._problems()
-        generator = Generator(model, eos_ids={self.tokenizer.im_end_id, self.tokenizer.eos_id}, pad_id=self.tokenizer.pad_id)
-        prompts = [self.tokenizer.encode_chat(messages, add_generation_prompt=True)[0] for messages, _ in problems]
-        outputs = generator.generate(prompts, max_new_tokens=self.spec.max_new_tokens)
-        verdicts = self.verifier.verify_many((meta, self.tokenizer.decode(o)) for o, (_, meta) in zip(outputs, problems))
-        return {"accuracy": sum(verdicts) / len(problems), "problems": float(len(problems))}
+        problems = chat_problems(self.source, self.spec.problems, "judge-score")
+        answers = greedy_answers(model, self.tokenizer, [p for p, _ in problems], self.spec.max_new_tokens)
+        results = self.judge.score_many([JudgeItem(p, a, meta) for a, (p, meta) in zip(answers, problems)])
+        verdicts = [r for r in results if isinstance(r, Verdict)]
+        if not verdicts:
+            raise EngineError(f"judge-score: every judgment failed, e.g. {results[0].message}")
+        out = {d: sum(v.scores[d] for v in verdicts) / len(verdicts) for d in DIMENSIONS}
+        out["mean"] = sum(v.mean for v in verdicts) / len(verdicts)
+        out["judged"] = float(len(verdicts))
+        out["failed"] = float(len(results) - len(verdicts))
+        return out
 
 
 @hookimpl
 def phi4_register_evaluations(register):
     register("heldout-loss", HeldoutLossSpec, HeldoutLoss)
     register("task-accuracy", TaskAccuracySpec, TaskAccuracy)
+    register("judge-score", JudgeScoreSpec, JudgeScore)

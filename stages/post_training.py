@@ -2,7 +2,7 @@
 
 They validate (so ``specs/full.json`` carries every paper value today) but refuse to run with a
 clear message. Each moves to its own module when its issue lands:
-dpo-judge (#5), dpo-pivotal (#6), refusal (#7).
+dpo-pivotal (#6), refusal (#7).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from phi4_engine.errors import EngineError
+from phi4_engine.preference import DpoStageSpec
 from phi4_engine.spec.base import DataSourceRef, SpecModel
 from phi4_engine.stage import StageSpec
 
@@ -29,34 +30,11 @@ class PtsSection(SpecModel):
     temperature: float = Field(1.0, gt=0)
 
 
-class DpoStageSpec(StageSpec):
-    """Fields common to the DPO stages."""
-
-    pairs: int = Field(ge=1)
-    """Preference pairs to build and train on."""
-    beta: float = Field(0.1, gt=0)
-    """DPO temperature (not given in the paper)."""
-    lr: float = Field(gt=0)
-    batch_size: int = Field(ge=1)
-    seq_len: int = Field(ge=8)
-    epochs: int = Field(1, ge=1)
-    prompts: list[DataSourceRef] = Field(min_length=1)  # type: ignore[valid-type]
-    """Where questions come from."""
-
-
 class DpoPivotalSpec(DpoStageSpec):
     """DPO round 1: token-level pairs from Pivotal Token Search."""
 
     kind: Literal["dpo-pivotal"]
     pts: PtsSection = Field(default_factory=PtsSection)
-
-
-class DpoJudgeSpec(DpoStageSpec):
-    """DPO round 2: whole-response pairs ranked by an LLM judge (accuracy, style, detail)."""
-
-    kind: Literal["dpo-judge"]
-    candidates: int = Field(4, ge=2)
-    """Responses sampled per prompt."""
 
 
 class RefusalSpec(StageSpec):
@@ -84,6 +62,5 @@ class NotRunnableYet:
 
 STAGE_KINDS = {
     "dpo-pivotal": (DpoPivotalSpec, 6),
-    "dpo-judge": (DpoJudgeSpec, 5),
     "refusal": (RefusalSpec, 7),
 }
