@@ -46,6 +46,17 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--force", action="store_true", help="replace what --out holds")
     prepare.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
 
+    plan = sub.add_parser("plan", help="per stage: tokens, steps, FLOPs, memory per GPU and days (nothing runs)")
+    plan.add_argument("spec")
+    plan.add_argument("--gpus", type=int, default=8, help="GPUs in all (default 8)")
+    plan.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1: FSDP2 over every GPU)")
+    plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization to assume (default 0.4)")
+    plan.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (default 989, H100)")
+    plan.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    plan.add_argument("--dpo-row-tokens", type=int, default=2048, help="tokens per DPO row to assume (default 2048)")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+
     sub.add_parser("stages", help="list stage kinds")
     sub.add_parser("schema", help="print the JSON Schema of specs (with plugin kinds)")
     return parser
@@ -62,6 +73,23 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     spec = engine.validate()
     kinds = ", ".join(f"{s.name} ({s.kind})" for s in spec.stages)  # type: ignore[attr-defined]
     print(f"{args.spec}: ok — {spec.name}: {kinds}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from phi4_engine.plan import Hardware, format_plan, model_numbers
+
+    engine = _engine(args.spec, args.overrides)
+    hw = Hardware(args.gpus, args.peak_tflops, args.mfu, args.gpu_memory)
+    plans = engine.plan(hw, tp=args.tp, dpo_row_tokens=args.dpo_row_tokens)
+    if args.json:
+        print(json.dumps([asdict(p) for p in plans], indent=2))
+        return 0
+    spec = engine.validate()
+    vocab = engine.registry.build("tokenizer", spec.tokenizer).vocab_size
+    print(format_plan(plans, model_numbers(spec.model.flavor, vocab), hw, args.tp))
     return 0
 
 
@@ -138,7 +166,7 @@ def _print_summary(result: Any) -> None:
     Console(file=sys.stderr).print(table)
 
 
-COMMANDS = {"eval": _cmd_eval, "run": _cmd_run, "validate": _cmd_validate, "plugins": _cmd_plugins, "stages": _cmd_stages, "schema": _cmd_schema, "data": _cmd_data}
+COMMANDS = {"eval": _cmd_eval, "plan": _cmd_plan, "run": _cmd_run, "validate": _cmd_validate, "plugins": _cmd_plugins, "stages": _cmd_stages, "schema": _cmd_schema, "data": _cmd_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 import orjson
 
 from phi4_engine.data.source import SourceContext
-from phi4_engine.errors import EngineError, SpecError
+from phi4_engine.errors import EngineError, SpecError, UsageError
 from phi4_engine.evaluation import EvalContext, Evaluator, WeightsRef, load_weights, log_to_tensorboard
 from phi4_engine.manager import PluginHost, Registry
 from phi4_engine.rundir import RunDir, now
@@ -126,6 +126,18 @@ class Engine:
 
     def schema(self) -> dict[str, Any]:
         return self.compiled.json_schema()
+
+    def plan(self, hardware: Any, *, tp: int = 1, dpo_row_tokens: int = 2048) -> list[Any]:
+        """Per stage tokens, steps, FLOPs, memory per GPU and days on ``hardware``
+        (:class:`phi4_engine.plan.Hardware`); nothing is built or run."""
+        from phi4_engine.plan import plan_stages
+
+        spec = self.validate(check_files=False)
+        vocab = self.registry.build("tokenizer", spec.tokenizer).vocab_size
+        try:
+            return plan_stages(spec, vocab, hardware, tp=tp, dpo_row_tokens=dpo_row_tokens)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
 
     @property
     def run_dir(self) -> RunDir:
