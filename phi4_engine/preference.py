@@ -28,13 +28,14 @@ from pydantic import Field, model_validator
 
 from phi4_engine.errors import EngineError
 from phi4_engine.rundir import atomic_write
-from phi4_engine.spec.base import DataSourceRef, LossRef, SchedulerRef
+from phi4_engine.spec.base import DataSourceRef, LossRef, SchedulerRef, SpecModel
 from phi4_engine.stage import StageContext, StageSpec
 from phi4_engine.training import StageProgress, build_sources, write_model_config
 
 
-class DpoStageSpec(StageSpec):
-    """Fields common to the DPO stages: the pair budget, the loss, and the optimizer."""
+class DpoTraining(SpecModel):
+    """DPO on built pairs: the pair budget, the loss, the reference, and the optimizer (a DPO
+    stage's fields, also a section of stages with a DPO phase, like refusal's)."""
 
     pairs: int = Field(ge=1)
     """Preference pairs to build (fewer if the prompts run out; the stage reports how many)."""
@@ -57,6 +58,20 @@ class DpoStageSpec(StageSpec):
     scheduler: SchedulerRef = Field(  # type: ignore[assignment]
         default_factory=lambda: {"kind": "warmup-linear", "warmup_steps": 0, "min_lr_factor": 0.0}, validate_default=True
     )
+
+    @model_validator(mode="after")
+    def _batches(self) -> "DpoTraining":
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError("batch_size must be a multiple of micro_batch_size")
+        return self
+
+    def steps_for(self, pairs: int) -> int:
+        return max(1, math.ceil(pairs * self.epochs / self.batch_size))
+
+
+class DpoStageSpec(StageSpec, DpoTraining):
+    """A DPO stage: pairs built from prompts by the policy, then DPO on them."""
+
     prompts: list[DataSourceRef] = Field(min_length=1)  # type: ignore[valid-type]
     """Where questions come from: chat records (the last assistant turn, if any, is the
     record's reference answer) drawn from the sources in proportion to their weights."""
@@ -64,15 +79,10 @@ class DpoStageSpec(StageSpec):
     """Longest response the policy generates while building pairs."""
 
     @model_validator(mode="after")
-    def _batches(self) -> "DpoStageSpec":
-        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
-            raise ValueError("batch_size must be a multiple of micro_batch_size")
+    def _room(self) -> "DpoStageSpec":
         if self.max_new_tokens >= self.seq_len:
             raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be below seq_len ({self.seq_len})")
         return self
-
-    def steps_for(self, pairs: int) -> int:
-        return max(1, math.ceil(pairs * self.epochs / self.batch_size))
 
 
 # -- prompts ---------------------------------------------------------------------------------
@@ -174,7 +184,7 @@ def _starting_weights(ctx: StageContext) -> Any:
     return ctx.init_weights
 
 
-def reference_logps(ctx: StageContext, spec: DpoStageSpec, pairs: Sequence[Any], pairs_sha256: str) -> list[tuple[float, float]]:
+def reference_logps(ctx: StageContext, spec: DpoTraining, pairs: Sequence[Any], pairs_sha256: str) -> list[tuple[float, float]]:
     """The frozen starting model's summed log-probs per pair, cached under ``<stage>/data/``."""
     from phi4_engine.titan.dpo import compute_reference_logps
 
@@ -195,7 +205,7 @@ def reference_logps(ctx: StageContext, spec: DpoStageSpec, pairs: Sequence[Any],
     return logps
 
 
-def train_on_pairs(ctx: StageContext, spec: DpoStageSpec, records: Sequence[dict[str, Any]], pairs_sha256: str) -> dict[str, Any]:
+def train_on_pairs(ctx: StageContext, spec: DpoTraining, records: Sequence[dict[str, Any]], pairs_sha256: str) -> dict[str, Any]:
     """DPO on ``records`` from the previous stage's weights; returns the stage summary."""
     from phi4_engine.titan.dpo import DPOJob, pairs_loader, run_dpo
 
@@ -210,7 +220,7 @@ def train_on_pairs(ctx: StageContext, spec: DpoStageSpec, records: Sequence[dict
     schedule = ctx.registry.build("scheduler", spec.scheduler)
     layout = ctx.registry.build("parallelism", ctx.spec.parallelism)
     steps = spec.steps_for(len(pairs))
-    progress = StageProgress(ctx, spec.kind, steps)  # type: ignore[attr-defined]
+    progress = StageProgress(ctx, getattr(spec, "kind", ctx.stage_name), steps)
     job = DPOJob(
         dump_folder=ctx.stage_dir, flavor=weights.flavor, vocab_size=ctx.tokenizer.vocab_size,
         rope_theta=weights.rope_theta, seq_len=spec.seq_len, steps=steps,

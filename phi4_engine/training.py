@@ -63,8 +63,9 @@ class MixtureSection(SpecModel):
     ``<stage>/data/decontamination.json``."""
 
 
-class LMStageSpec(StageSpec):
-    """Next-token training: budget, batch, optimizer and schedule."""
+class LMTraining(SpecModel):
+    """Next-token training: budget, batch, optimizer and schedule (an LM stage's fields, also a
+    section of stages that train an LM phase, like refusal's SFT)."""
 
     steps: int | None = Field(None, ge=1)
     """Optimizer steps. Give either ``steps`` or ``tokens``."""
@@ -84,13 +85,12 @@ class LMStageSpec(StageSpec):
     max_norm: float = Field(1.0, gt=0)
     """Gradient clipping norm (not given in the paper)."""
     rope_theta: float | None = Field(None, gt=0)
-    """RoPE base for this stage (default: the model section's)."""
+    """RoPE base for this stage (default: the starting weights' — the previous stage's — or, for the first stage, the model section's)."""
     scheduler: SchedulerRef = Field(default_factory=lambda: {"kind": "warmup-cosine"}, validate_default=True)  # type: ignore[assignment]
     loss: LossRef = Field(default_factory=lambda: {"kind": "cross-entropy"}, validate_default=True)  # type: ignore[assignment]
-    data: MixtureSection
 
     @model_validator(mode="after")
-    def _budget(self) -> "LMStageSpec":
+    def _budget(self) -> "LMTraining":
         if (self.steps is None) == (self.tokens is None):
             raise ValueError("give exactly one of 'steps' or 'tokens'")
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
@@ -102,6 +102,12 @@ class LMStageSpec(StageSpec):
         if self.steps is not None:
             return self.steps
         return math.ceil(self.tokens / (self.batch_size * self.seq_len))  # type: ignore[operator]
+
+
+class LMStageSpec(StageSpec, LMTraining):
+    """A stage that trains next-token prediction on a data mixture."""
+
+    data: MixtureSection
 
 
 _FROM_STAGE: Any = object()
@@ -180,6 +186,12 @@ class StageProgress:
         }
 
 
+def inherited_rope_theta(ctx: StageContext) -> float:
+    """A stage that does not set its RoPE base keeps its starting weights' (sft after a 250K
+    midtrain trains at 250K); the first stage uses the model section's."""
+    return ctx.init_weights.rope_theta if ctx.init_weights is not None else ctx.spec.model.rope_theta
+
+
 def write_model_config(ctx: StageContext, *, flavor: str, rope_theta: float, seq_len: int) -> dict[str, Any]:
     """``<stage>/model.json``: the model the stage's weights belong to."""
     model_config = {
@@ -197,7 +209,7 @@ def write_model_config(ctx: StageContext, *, flavor: str, rope_theta: float, seq
 
 def run_lm_stage(
     ctx: StageContext,
-    spec: LMStageSpec,
+    spec: LMTraining,
     make_loader: Callable[[int, int, int, int], Any],
     *,
     rope_theta: float | None = None,
@@ -210,13 +222,13 @@ def run_lm_stage(
     layout = ctx.registry.build("parallelism", run_spec.parallelism)
     ctx.registry.build("loss", spec.loss)
     total = spec.total_steps
-    progress = StageProgress(ctx, spec.kind, total)  # type: ignore[attr-defined]
+    progress = StageProgress(ctx, getattr(spec, "kind", ctx.stage_name), total)
     batch_local = spec.micro_batch_size or spec.batch_size
     job = LMJob(
         dump_folder=ctx.stage_dir,
         flavor=run_spec.model.flavor,
         vocab_size=ctx.tokenizer.vocab_size,
-        rope_theta=rope_theta or spec.rope_theta or run_spec.model.rope_theta,
+        rope_theta=rope_theta or spec.rope_theta or inherited_rope_theta(ctx),
         seq_len=spec.seq_len,
         steps=total,
         batch_size=batch_local,

@@ -145,8 +145,59 @@ class JudgeScore:
         return out
 
 
+class RefusalRatesSpec(_EvalSpec):
+    """SimpleQA's split ([P4] Fig. 6) on held-out bogus and answerable questions: the share
+    correct / incorrect / not attempted (a refusal) of each kind, from greedy answers."""
+
+    kind: Literal["refusal-rates"]
+    source: DataSourceRef  # type: ignore[valid-type]
+    """Chat records whose ``meta.bogus`` says whether the question can be answered (e.g.
+    ``synthetic-refusal``); answerable ones carry ``meta.answer`` for the verifier."""
+    problems: int = Field(100, ge=2)
+    max_new_tokens: int = Field(64, ge=1)
+    refusal_prefix: str = "I cannot answer"
+    """An answer that starts with this (after whitespace) is a refusal: not attempted."""
+    verifier: VerifierRef = Field(default_factory=lambda: {"kind": "math-answer"}, validate_default=True)  # type: ignore[assignment]
+
+
+class RefusalRates:
+    def __init__(self, spec: RefusalRatesSpec, ctx: Any) -> None:
+        self.spec = spec
+        self.tokenizer = ctx.tokenizer
+        self.source = ctx.build_source(spec.source)
+        self.verifier = ctx.registry.build("verifier", spec.verifier)
+        self.max_seq_len = 1024
+
+    def run(self, model: Any) -> dict[str, float]:
+        problems = chat_problems(self.source, self.spec.problems, "refusal-rates")
+        if any("bogus" not in meta for _, meta in problems):
+            raise ValueError("refusal-rates needs records whose meta says 'bogus': true/false (e.g. synthetic-refusal)")
+        answers = greedy_answers(model, self.tokenizer, [p for p, _ in problems], self.spec.max_new_tokens)
+        counts = {k: 0 for k in ("bogus", "bogus_not_attempted", "answerable", "answerable_correct", "answerable_not_attempted")}
+        checks = []
+        for answer, (_, meta) in zip(answers, problems):
+            refused = answer.lstrip().startswith(self.spec.refusal_prefix)
+            group = "bogus" if meta["bogus"] else "answerable"
+            counts[group] += 1
+            counts[f"{group}_not_attempted"] += refused
+            if group == "answerable" and not refused:
+                checks.append((meta, answer))
+        counts["answerable_correct"] = sum(self.verifier.verify_many(checks)) if checks else 0
+        bogus, answerable = max(counts["bogus"], 1), max(counts["answerable"], 1)
+        return {
+            "bogus_not_attempted": counts["bogus_not_attempted"] / bogus,
+            "bogus_incorrect": 1 - counts["bogus_not_attempted"] / bogus,
+            "answerable_correct": counts["answerable_correct"] / answerable,
+            "answerable_not_attempted": counts["answerable_not_attempted"] / answerable,
+            "answerable_incorrect": 1 - (counts["answerable_correct"] + counts["answerable_not_attempted"]) / answerable,
+            "bogus": float(counts["bogus"]),
+            "answerable": float(counts["answerable"]),
+        }
+
+
 @hookimpl
 def phi4_register_evaluations(register):
     register("heldout-loss", HeldoutLossSpec, HeldoutLoss)
     register("task-accuracy", TaskAccuracySpec, TaskAccuracy)
     register("judge-score", JudgeScoreSpec, JudgeScore)
+    register("refusal-rates", RefusalRatesSpec, RefusalRates)

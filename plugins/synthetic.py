@@ -1,8 +1,9 @@
 """Built-in synthetic data sources: the embedded default corpus.
 
-Four kinds, one generator module each: ``synthetic-arithmetic`` (worked arithmetic problems),
+Five kinds, one generator module each: ``synthetic-arithmetic`` (worked arithmetic problems),
 ``synthetic-code`` (small Python functions with tests), ``synthetic-prose`` (simple stories) and
-``synthetic-academic`` (definition/theorem/citation paragraphs).
+``synthetic-academic`` (definition/theorem/citation paragraphs), ``synthetic-refusal`` (bogus
+questions that call for a refusal, and their answerable twins).
 
 Document ``i`` of a source depends only on ``(run seed, source name, i)``: its generator is
 seeded with ``random.Random(f"{seed}:{name}:{i}")`` (string seeds hash with SHA-512, stable
@@ -23,7 +24,7 @@ from pydantic import Field, field_validator
 
 from phi4_engine import hookimpl
 from phi4_engine.data.source import DataSourceSpec, Document, SourceContext
-from phi4_engine.plugins import synthetic_academic, synthetic_arithmetic, synthetic_code, synthetic_prose
+from phi4_engine.plugins import synthetic_academic, synthetic_arithmetic, synthetic_code, synthetic_prose, synthetic_refusal
 from phi4_engine.plugins.synthetic_sample import Sample
 
 Generator = Callable[[random.Random], Sample]
@@ -82,11 +83,28 @@ class SyntheticAcademicSpec(SyntheticSourceSpec):
     """Source kind."""
 
 
+class SyntheticRefusalSpec(SyntheticSourceSpec):
+    """Bogus questions (missing quantities, division by zero, made-up entities) that call for a
+    refusal, mixed with their answerable arithmetic twins; ``meta.bogus`` tells which."""
+
+    kind: Literal["synthetic-refusal"]
+    """Source kind."""
+    share_bogus: float = Field(default=0.5, ge=0, le=1)
+    """Probability that a document is the bogus variant of its problem."""
+    operations: tuple[int, int] = (1, 1)
+    """Operations per problem of the answerable twins (as ``synthetic-arithmetic``)."""
+    max_operand: int = Field(default=20, ge=2, le=99)
+
+    generator_options: ClassVar[tuple[str, ...]] = ("share_bogus", "operations", "max_operand")
+    _ordered = field_validator("operations")(SyntheticArithmeticSpec._ordered.__func__)  # type: ignore[attr-defined]
+
+
 KINDS: dict[str, tuple[type[SyntheticSourceSpec], Generator, str]] = {
     "synthetic-arithmetic": (SyntheticArithmeticSpec, synthetic_arithmetic.generate, "arith"),
     "synthetic-code": (SyntheticCodeSpec, synthetic_code.generate, "code"),
     "synthetic-prose": (SyntheticProseSpec, synthetic_prose.generate, "prose"),
     "synthetic-academic": (SyntheticAcademicSpec, synthetic_academic.generate, "academic"),
+    "synthetic-refusal": (SyntheticRefusalSpec, synthetic_refusal.generate, "refusal"),
 }
 """kind → (spec model, generator, document id prefix)."""
 

@@ -12,10 +12,12 @@ def phi4_register_stages(register):
     from phi4_engine.stages.pretrain import PretrainSpec, PretrainStage
     from phi4_engine.stages.sft import SftSpec, SftStage
     from phi4_engine.stages.dpo_judge import DpoJudgeSpec, DpoJudgeStage
+    from phi4_engine.stages.refusal import RefusalSpec, RefusalStage
 
     register("pretrain", PretrainSpec, PretrainStage)
     register("midtrain", MidtrainSpec, MidtrainStage)
     register("sft", SftSpec, SftStage)
     register("dpo-judge", DpoJudgeSpec, DpoJudgeStage)
+    register("refusal", RefusalSpec, RefusalStage)
     for kind, (spec_model, issue) in STAGE_KINDS.items():
         register(kind, spec_model, lambda spec, ctx, _i=issue: NotRunnableYet(spec, ctx, _i))

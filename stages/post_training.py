@@ -2,7 +2,7 @@
 
 They validate (so ``specs/full.json`` carries every paper value today) but refuse to run with a
 clear message. Each moves to its own module when its issue lands:
-dpo-pivotal (#6), refusal (#7).
+dpo-pivotal (#6).
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from pydantic import Field
 
 from phi4_engine.errors import EngineError
 from phi4_engine.preference import DpoStageSpec
-from phi4_engine.spec.base import DataSourceRef, SpecModel
-from phi4_engine.stage import StageSpec
+from phi4_engine.spec.base import SpecModel
 
 
 class PtsSection(SpecModel):
@@ -37,18 +36,6 @@ class DpoPivotalSpec(DpoStageSpec):
     pts: PtsSection = Field(default_factory=PtsSection)
 
 
-class RefusalSpec(StageSpec):
-    """Hallucination mitigation: refusal SFT then DPO over the first response tokens."""
-
-    kind: Literal["refusal"]
-    sft_steps: int = Field(ge=1)
-    dpo_pairs: int = Field(ge=1)
-    first_tokens: int = Field(5, ge=1)
-    """DPO pairs compare only the first N response tokens, as the paper does."""
-    lr: float = Field(gt=0)
-    questions: list[DataSourceRef] = Field(min_length=1)  # type: ignore[valid-type]
-
-
 class NotRunnableYet:
     def __init__(self, spec: Any, ctx: Any, issue: int) -> None:
         self.spec, self.issue = spec, issue
@@ -62,5 +49,4 @@ class NotRunnableYet:
 
 STAGE_KINDS = {
     "dpo-pivotal": (DpoPivotalSpec, 6),
-    "refusal": (RefusalSpec, 7),
 }

@@ -28,7 +28,8 @@ SAMPLES = {
     "long.jsonl.zst": ({"kind": "synthetic-academic"}, "long"),
     "chat.jsonl.zst": ({"kind": "synthetic-arithmetic", "format": "chat"}, "messages"),
     "tasks.jsonl.zst": ({"kind": "synthetic-arithmetic", "format": "chat"}, "messages"),
-    "trivia.jsonl.zst": ({"kind": "synthetic-arithmetic", "format": "chat"}, "messages"),
+    # refusal questions: bogus ones and answerable twins, meta (bogus, answer…) as record fields
+    "trivia.jsonl.zst": ({"kind": "synthetic-refusal", "format": "chat"}, "messages+meta"),
 }
 
 
@@ -43,6 +44,8 @@ def main() -> None:
             records = [{"text": "\n\n".join(d.text for d in docs[i : i + 16])} for i in range(0, 64, 16)]
         elif shape == "messages":
             records = [{"messages": list(d.messages), "answer": (d.meta or {}).get("answer")} for d in docs]
+        elif shape == "messages+meta":
+            records = [{"messages": list(d.messages), **(d.meta or {})} for d in docs]
         else:
             records = [{"text": d.text} for d in docs]
         raw = b"".join(orjson.dumps(r) + b"\n" for r in records)

@@ -56,7 +56,7 @@ def test_plugins_json_lists_builtins_with_hooks_and_kinds():
     result = run_cli("plugins", "--json")
     assert result.returncode == 0, result.stderr
     plugins = {p["name"]: p for p in json.loads(result.stdout)}
-    assert plugins["synthetic"]["kinds"]["data_source"] == ["synthetic-academic", "synthetic-arithmetic", "synthetic-code", "synthetic-prose"]
+    assert plugins["synthetic"]["kinds"]["data_source"] == ["synthetic-academic", "synthetic-arithmetic", "synthetic-code", "synthetic-prose", "synthetic-refusal"]
     assert plugins["synthetic"]["hooks"] == ["phi4_register_data_sources"]
     assert plugins["stages"]["kinds"]["stage"][0] == "dpo-judge"
     for p in plugins.values():

@@ -41,7 +41,7 @@ def test_full_json_has_the_paper_values():
     assert sft.lr == 1e-6 and sft.tokens == 8e9
     assert pts.pairs == 250_297 and pts.pts.p_gap == 0.2 and (pts.pts.p_min, pts.pts.p_max) == (0.2, 0.8)
     assert judge.pairs == 850_000
-    assert refusal.first_tokens == 5
+    assert refusal.dpo.first_tokens == 5 and refusal.dpo.pairs == 43_842  # unknown+safety pairs, Table 8
 
 
 def test_tiny_extends_full_and_keeps_stage_order(tmp_path):

@@ -117,7 +117,7 @@ def test_prose_and_academic_look_right():
 def test_specs_and_registration():
     registered = {}
     synthetic.phi4_register_data_sources(lambda kind, model, factory: registered.__setitem__(kind, (model, factory)))
-    assert set(registered) == {"synthetic-arithmetic", "synthetic-code", "synthetic-prose", "synthetic-academic"}
+    assert set(registered) == {"synthetic-arithmetic", "synthetic-code", "synthetic-prose", "synthetic-academic", "synthetic-refusal"}
     model, factory = registered["synthetic-code"]
     spec = model.model_validate({"kind": "synthetic-code", "num_documents": 10, "format": "chat", "weight": 0.2})
     src = factory(spec, SourceContext(base_dir=".", seed=11))
