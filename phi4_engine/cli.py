@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from phi4_engine.errors import EngineError
+from phi4_engine.errors import EngineError, UsageError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
 
+    pts = sub.add_parser("pts", help="report of a run's Pivotal Token Search: pairs, rollouts, cache hits, p-jump histogram")
+    pts.add_argument("run_dir")
+    pts.add_argument("--stage", help="the dpo-pivotal stage's name (default: the first dpo-pivotal stage)")
+    pts.add_argument("--json", action="store_true", help="machine-readable output")
+
     sub.add_parser("stages", help="list stage kinds")
     sub.add_parser("schema", help="print the JSON Schema of specs (with plugin kinds)")
     return parser
@@ -90,6 +95,29 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     spec = engine.validate()
     vocab = engine.registry.build("tokenizer", spec.tokenizer).vocab_size
     print(format_plan(plans, model_numbers(spec.model.flavor, vocab), hw, args.tp))
+    return 0
+
+
+def _cmd_pts(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from phi4_engine.stages.dpo_pivotal import format_report
+
+    # Read the run's own resolved spec as data (no plugins needed: a third-party verifier the
+    # search used need not be importable to print its report).
+    spec_path = Path(args.run_dir) / "spec.json"
+    if not spec_path.exists():
+        raise UsageError(f"{args.run_dir}: not a run directory (no spec.json)")
+    stages = json.loads(spec_path.read_text()).get("stages", [])
+    names = [s.get("name") or s["kind"] for s in stages if s.get("kind") == "dpo-pivotal"]
+    stage = args.stage or (names[0] if names else None)
+    if stage not in names:
+        raise UsageError(f"{args.run_dir}: no dpo-pivotal stage named {stage!r} (dpo-pivotal stages: {', '.join(names) or 'none'})")
+    path = Path(args.run_dir) / stage / "data" / "pairs-report.json"
+    if not path.exists():
+        raise EngineError(f"{path}: no search report yet; run the stage first (phi4-engine run SPEC --stages ...,{stage})")
+    report = json.loads(path.read_text())
+    print(json.dumps(report, indent=2) if args.json else format_report(stage, report))
     return 0
 
 
@@ -166,7 +194,7 @@ def _print_summary(result: Any) -> None:
     Console(file=sys.stderr).print(table)
 
 
-COMMANDS = {"eval": _cmd_eval, "plan": _cmd_plan, "run": _cmd_run, "validate": _cmd_validate, "plugins": _cmd_plugins, "stages": _cmd_stages, "schema": _cmd_schema, "data": _cmd_data}
+COMMANDS = {"eval": _cmd_eval, "plan": _cmd_plan, "pts": _cmd_pts, "run": _cmd_run, "validate": _cmd_validate, "plugins": _cmd_plugins, "stages": _cmd_stages, "schema": _cmd_schema, "data": _cmd_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple, Protocol, Sequence, runtime_checkable
 
 from phi4_engine.errors import DataError, EngineError
+from phi4_engine.rundir import AppendLog
 
 DIMENSIONS: tuple[str, ...] = ("accuracy", "style", "detail")
 """The paper's rubric; ``detail`` is what FACTS.md calls completeness."""
@@ -205,14 +206,6 @@ def _checked(judge: Judge, result: Result) -> Result:
                         f"1-5 scores for {', '.join(DIMENSIONS)}: {scores!r}", None if scores is None else repr(scores))
 
 
-def _append_line(handle: Any, record: dict[str, Any]) -> None:
-    """One JSON line, flushed and fsync'd: after a crash the file holds whole lines, plus at
-    most one torn last line, which :meth:`VerdictCache._load` cuts off."""
-    handle.write(json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n")
-    handle.flush()
-    os.fsync(handle.fileno())
-
-
 class VerdictCache:
     """Verdicts on disk (``<dir>/verdicts.jsonl``), failures in ``<dir>/judge-quarantine.jsonl``.
 
@@ -226,43 +219,20 @@ class VerdictCache:
     def __init__(self, directory: str | os.PathLike[str], *, filename: str = "verdicts.jsonl",
                  quarantine: str = "judge-quarantine.jsonl") -> None:
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / filename
         self.quarantine_path = self.dir / quarantine
         self._lock = threading.Lock()
-        self._verdicts: dict[str, Verdict] = self._load()
-        self._counts = {"asked": 0, "cached": 0, "ok": 0, "malformed": 0, "failed": 0}
-        self._file = open(self.path, "ab")
-        self._quarantine = open(self.quarantine_path, "ab")
-        if self.quarantine_path.stat().st_size:
-            with open(self.quarantine_path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    self._quarantine.write(b"\n")  # a torn last record stays its own (bad) line
-
-    def _load(self) -> dict[str, Verdict]:
-        if not self.path.exists():
-            return {}
-        data = self.path.read_bytes()
-        verdicts: dict[str, Verdict] = {}
-        offset = 0
-        for lineno, line in enumerate(data.splitlines(keepends=True), 1):
-            if not line.endswith(b"\n"):  # torn by a crash mid-append: drop it
-                with open(self.path, "r+b") as f:
-                    f.truncate(offset)
-                    f.flush()
-                    os.fsync(f.fileno())
-                break
-            offset += len(line)
-            if not line.strip():
-                continue
+        self._file = AppendLog(self.path)
+        self._quarantine = AppendLog(self.quarantine_path)
+        self._verdicts: dict[str, Verdict] = {}
+        for lineno, rec in enumerate(self._file.records, 1):
             try:
-                rec = json.loads(line)
-                verdicts[rec["key"]] = Verdict({d: float(rec["scores"][d]) for d in DIMENSIONS},
-                                               rec["judge"], rec["judge_version"], rec.get("raw"))
-            except (ValueError, KeyError, TypeError) as exc:
+                self._verdicts[rec["key"]] = Verdict({d: float(rec["scores"][d]) for d in DIMENSIONS},
+                                                     rec["judge"], rec["judge_version"], rec.get("raw"))
+            except (KeyError, TypeError, ValueError) as exc:
                 raise DataError(f"{self.path}:{lineno}: not a verdict record ({type(exc).__name__}: {exc})") from None
-        return verdicts
+        self._file.records = self._quarantine.records = []  # parsed; keep no second copy
+        self._counts = {"asked": 0, "cached": 0, "ok": 0, "malformed": 0, "failed": 0}
 
     def __len__(self) -> int:
         return len(self._verdicts)
@@ -280,12 +250,12 @@ class VerdictCache:
             if isinstance(result, Verdict):
                 self._counts["ok"] += 1
                 self._verdicts[key] = result
-                _append_line(self._file, {"key": key, **asdict(result)})
+                self._file.append({"key": key, **asdict(result)})
             else:
                 self._counts["malformed" if result.kind == "malformed" else "failed"] += 1
                 prompt = canonical_prompt(item[0])
-                _append_line(self._quarantine, {"key": key, "kind": result.kind, "message": result.message,
-                                                "raw": result.raw, "prompt": prompt, "response": item[1]})
+                self._quarantine.append({"key": key, "kind": result.kind, "message": result.message,
+                                         "raw": result.raw, "prompt": prompt, "response": item[1]})
 
     def score(self, judge: Judge, items: Sequence[JudgeItem | tuple[Any, ...]]) -> list[Result]:
         """Results for ``items`` in order: cached verdicts, else the judge's (persisted as each

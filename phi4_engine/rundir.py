@@ -40,7 +40,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 class AppendLog:
     """A JSONL file that survives crashes: each record is one flushed + fsync'd line, and a line
     torn by a crash mid-append is cut off when the file is opened again. ``records`` holds what
-    was on disk at open time plus what this instance appended."""
+    was on disk when it was opened."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -61,10 +61,13 @@ class AppendLog:
         self._file = open(self.path, "ab")
 
     def append(self, record: Any) -> None:
-        self._file.write(orjson.dumps(record) + b"\n")
+        self.extend([record])
+
+    def extend(self, records: list[Any]) -> None:
+        """Append several records with one fsync (callers serialize concurrent appends)."""
+        self._file.write(b"".join(orjson.dumps(r) + b"\n" for r in records))
         self._file.flush()
         os.fsync(self._file.fileno())
-        self.records.append(record)
 
     def close(self) -> None:
         self._file.close()

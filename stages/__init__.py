@@ -7,17 +7,16 @@ from phi4_engine import hookimpl
 
 @hookimpl
 def phi4_register_stages(register):
-    from phi4_engine.stages.post_training import STAGE_KINDS, NotRunnableYet
+    from phi4_engine.stages.dpo_judge import DpoJudgeSpec, DpoJudgeStage
+    from phi4_engine.stages.dpo_pivotal import DpoPivotalSpec, DpoPivotalStage
     from phi4_engine.stages.midtrain import MidtrainSpec, MidtrainStage
     from phi4_engine.stages.pretrain import PretrainSpec, PretrainStage
-    from phi4_engine.stages.sft import SftSpec, SftStage
-    from phi4_engine.stages.dpo_judge import DpoJudgeSpec, DpoJudgeStage
     from phi4_engine.stages.refusal import RefusalSpec, RefusalStage
+    from phi4_engine.stages.sft import SftSpec, SftStage
 
     register("pretrain", PretrainSpec, PretrainStage)
     register("midtrain", MidtrainSpec, MidtrainStage)
     register("sft", SftSpec, SftStage)
+    register("dpo-pivotal", DpoPivotalSpec, DpoPivotalStage)
     register("dpo-judge", DpoJudgeSpec, DpoJudgeStage)
     register("refusal", RefusalSpec, RefusalStage)
-    for kind, (spec_model, issue) in STAGE_KINDS.items():
-        register(kind, spec_model, lambda spec, ctx, _i=issue: NotRunnableYet(spec, ctx, _i))

@@ -236,5 +236,5 @@ def test_torn_last_line_is_dropped_and_corrupt_line_is_named(tmp_path):
     assert len(path.read_text().splitlines()) == 4 and all(json.loads(x) for x in path.read_text().splitlines())
 
     path.write_bytes(b"not json\n" + whole)
-    with pytest.raises(DataError, match=r"verdicts.jsonl:1: not a verdict record"):
+    with pytest.raises(DataError, match=r"verdicts.jsonl:1: not a JSON record"):
         VerdictCache(tmp_path)
