@@ -179,19 +179,38 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+_HEADLINES = ("accuracy", "mean", "bogus_not_attempted", "answerable_correct")
+
+
+def headline_metrics(evals: dict[str, Any]) -> list[str]:
+    """``name.metric before → after`` for each evaluation's headline metric(s): accuracy, judge
+    mean, refusal rates, or the held-out loss at the longest length."""
+    out = []
+    before, after = evals.get("before", {}), evals.get("after", {})
+    for name, metrics in after.items():
+        keys = [k for k in _HEADLINES if k in metrics] or [k for k in metrics if k.startswith("loss@")][-1:]
+        for key in keys:
+            old = before.get(name, {}).get(key)
+            out.append(f"{name}.{key} {'-' if old is None else f'{old:.3g}'} → {metrics[key]:.3g}")
+    return out
+
+
 def _print_summary(result: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"run {result.run_dir}")
-    for column in ("stage", "status", "steps", "tokens", "loss first → last"):
+    for column in ("stage", "status", "steps", "tokens", "time", "loss first → last", "evaluations before → after"):
         table.add_column(column)
     for name, stage in result.stages.items():
-        m = stage.metrics
+        m, summary = stage.metrics, stage.summary
         first, last = m.get("loss_first"), m.get("loss_last")
         loss = f"{first:.3f} → {last:.3f}" if first is not None and last is not None else "-"
-        table.add_row(name, stage.status, str(stage.summary.get("steps", "-")), str(stage.summary.get("tokens", "-")), loss)
-    Console(file=sys.stderr).print(table)
+        took = summary.get("finished", 0) - summary.get("started", 0) if summary.get("started") else None
+        tokens = summary.get("tokens")
+        table.add_row(name, stage.status, str(summary.get("steps", "-")), f"{tokens:,}" if tokens else "-",
+                      "-" if took is None else f"{took / 60:.1f} min", loss, "\n".join(headline_metrics(summary.get("eval", {}))) or "-")
+    Console(file=sys.stderr, width=200).print(table)
 
 
 COMMANDS = {"eval": _cmd_eval, "plan": _cmd_plan, "pts": _cmd_pts, "run": _cmd_run, "validate": _cmd_validate, "plugins": _cmd_plugins, "stages": _cmd_stages, "schema": _cmd_schema, "data": _cmd_data}

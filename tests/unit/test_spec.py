@@ -191,3 +191,29 @@ def test_keep_latest_k_of_one_is_rejected(tmp_path):
     data = tiny_pretrain_spec()
     data["checkpoint"]["keep_latest_k"] = 1
     assert "checkpoint.keep_latest_k: must be 0 (keep all) or >= 2" in _error(tmp_path, data)
+
+
+def test_tiny_differs_from_full_only_in_scale():
+    """tiny.json keeps the recipe (stage graph, mixture, context and RoPE schedule, the midtrain
+    LR ratio, DPO/PTS/refusal rules) and changes scale: model, vocabulary, budgets, data, and
+    learning rates (a 5M-parameter model does not move at the paper's 1e-6; the one LR ratio
+    the paper states, midtrain = pretrain / 10, is kept)."""
+    full = Engine.from_file(SPECS / "full.json").validate()
+    tiny = Engine.from_file(SPECS / "tiny.json").validate()
+    assert [(s.name, s.kind) for s in tiny.stages] == [(s.name, s.kind) for s in full.stages]
+    f, t = {s.name: s for s in full.stages}, {s.name: s for s in tiny.stages}
+    weights = lambda st: {s.name: s.weight for s in st.data.sources}  # noqa: E731
+    assert weights(t["pretrain"]) == weights(f["pretrain"])  # 15/15/40/20/10
+    for spec in (full, tiny):
+        st = {s.name: s for s in spec.stages}
+        assert st["midtrain"].seq_len == 4 * st["pretrain"].seq_len
+        assert st["midtrain"].rope_theta == 250_000 and st["midtrain"].long_fraction == 0.3
+        assert st["midtrain"].lr == pytest.approx(st["pretrain"].lr / 10)
+    assert t["pretrain"].weight_decay == f["pretrain"].weight_decay
+    assert t["dpo-pivotal"].pts.model_dump(include={"p_gap", "p_min", "p_max", "temperature", "trajectories", "verifier"}) == \
+        f["dpo-pivotal"].pts.model_dump(include={"p_gap", "p_min", "p_max", "temperature", "trajectories", "verifier"})
+    for name in ("dpo-pivotal", "dpo-judge"):
+        assert t[name].loss == f[name].loss and t[name].reference == f[name].reference
+    assert t["dpo-judge"].judge.kind == "rule" and f["dpo-judge"].candidates == t["dpo-judge"].candidates
+    assert t["refusal"].dpo.first_tokens == f["refusal"].dpo.first_tokens == 5
+    assert t["refusal"].answer_above == f["refusal"].answer_above and t["refusal"].dpo.loss == f["refusal"].dpo.loss
