@@ -1,5 +1,5 @@
-# make demo: set up and run the embedded default (tiny model, built-in data, CPU): the stages
-# that run today (pretrain, midtrain, sft); the DPO and refusal stages validate only so far.
+# make demo: set up and run the embedded default: all six stages of specs/tiny.json (tiny model,
+# built-in data, CPU).
 # make test: set up and run the whole test suite (what CI runs).
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(VENV)/bin/phi4-engine run specs/tiny.json --stages pretrain,midtrain,sft --run-dir runs/demo
+	$(VENV)/bin/phi4-engine run specs/tiny.json --run-dir runs/demo
 
 test: setup
 	$(PY) -m pytest -q

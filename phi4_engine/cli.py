@@ -62,6 +62,17 @@ def _parser() -> argparse.ArgumentParser:
     pts.add_argument("--stage", help="the dpo-pivotal stage's name (default: the first dpo-pivotal stage)")
     pts.add_argument("--json", action="store_true", help="machine-readable output")
 
+    export = sub.add_parser("export", help="write a finished stage's weights as a Hugging Face Phi3ForCausalLM folder")
+    export.add_argument("run_dir")
+    export.add_argument("--stage", help="stage name (default: the last finished stage)")
+    export.add_argument("--format", default="hf", choices=["hf"], help="output format (hf: safetensors + config + tokenizer)")
+    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    export.add_argument("--out", required=True, help="output folder (new or empty)")
+
+    report = sub.add_parser("report", help="a PNG of a run's loss curves and evaluations across its stages")
+    report.add_argument("run_dir")
+    report.add_argument("--out", help="where to write the picture (default: RUN_DIR/report.png)")
+
     sub.add_parser("stages", help="list stage kinds")
     sub.add_parser("schema", help="print the JSON Schema of specs (with plugin kinds)")
     return parser
@@ -118,6 +129,20 @@ def _cmd_pts(args: argparse.Namespace) -> int:
         raise EngineError(f"{path}: no search report yet; run the stage first (phi4-engine run SPEC --stages ...,{stage})")
     report = json.loads(path.read_text())
     print(json.dumps(report, indent=2) if args.json else format_report(stage, report))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from phi4_engine.engine import Engine
+
+    print(Engine.from_run_dir(args.run_dir).export(args.out, stage=args.stage, format=args.format, dtype=args.dtype))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from phi4_engine.report import write_report
+
+    print(write_report(args.run_dir, args.out))
     return 0
 
 
@@ -179,19 +204,17 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-_HEADLINES = ("accuracy", "mean", "bogus_not_attempted", "answerable_correct")
-
-
 def headline_metrics(evals: dict[str, Any]) -> list[str]:
-    """``name.metric before → after`` for each evaluation's headline metric(s): accuracy, judge
-    mean, refusal rates, or the held-out loss at the longest length."""
+    """``name.metric before → after`` for each evaluation's headline metric(s)."""
+    from phi4_engine.report import headline
+
     out = []
     before, after = evals.get("before", {}), evals.get("after", {})
     for name, metrics in after.items():
-        keys = [k for k in _HEADLINES if k in metrics] or [k for k in metrics if k.startswith("loss@")][-1:]
-        for key in keys:
-            old = before.get(name, {}).get(key)
-            out.append(f"{name}.{key} {'-' if old is None else f'{old:.3g}'} → {metrics[key]:.3g}")
+        for key in headline(name, metrics):
+            metric = key.split(".", 1)[1]
+            old = before.get(name, {}).get(metric)
+            out.append(f"{key} {'-' if old is None else f'{old:.3g}'} → {metrics[metric]:.3g}")
     return out
 
 
@@ -213,7 +236,7 @@ def _print_summary(result: Any) -> None:
     Console(file=sys.stderr, width=200).print(table)
 
 
-COMMANDS = {"eval": _cmd_eval, "plan": _cmd_plan, "pts": _cmd_pts, "run": _cmd_run, "validate": _cmd_validate, "plugins": _cmd_plugins, "stages": _cmd_stages, "schema": _cmd_schema, "data": _cmd_data}
+COMMANDS = {"eval": _cmd_eval, "plan": _cmd_plan, "pts": _cmd_pts, "report": _cmd_report, "export": _cmd_export, "run": _cmd_run, "validate": _cmd_validate, "plugins": _cmd_plugins, "stages": _cmd_stages, "schema": _cmd_schema, "data": _cmd_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

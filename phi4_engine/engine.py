@@ -10,6 +10,7 @@ Notebook use::
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,6 +242,26 @@ class Engine:
             tokenizer, conversations, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
         )
 
+    def export(self, out: str | os.PathLike[str], *, stage: str | None = None, format: str = "hf",
+               dtype: str = "float32") -> Path:
+        """Write a finished stage's final weights (default: the last finished stage) as a Hugging
+        Face ``Phi3ForCausalLM`` directory with tokenizer files and chat template."""
+        if format != "hf":
+            raise UsageError(f"export: unknown format {format!r}; known: hf")
+        from phi4_engine.titan.hf import export_hf
+
+        name, entry = self._finished_entry(stage)
+        model = entry.get("model") or {}
+        tokenizer = self.registry.build("tokenizer", self.validate().tokenizer)
+        try:
+            return export_hf(
+                entry["final_checkpoint"], out, flavor=model.get("flavor", self.validate().model.flavor),
+                vocab_size=tokenizer.vocab_size, rope_theta=self._weights(entry).rope_theta,
+                max_position_embeddings=model.get("seq_len", 4096), tokenizer=tokenizer, dtype=dtype,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise UsageError(f"export {name}: {exc}") from None
+
     @classmethod
     def from_run_dir(cls, run_dir: str | os.PathLike[str], *, plugins: Iterable[Any] = ()) -> "Engine":
         """The engine of an existing run, from the resolved spec it wrote."""
@@ -271,11 +292,41 @@ class Engine:
             raise EngineError(f"stage {stage!r} has not finished in {self.run_dir.path} (finished: {', '.join(done)})")
         return stage, done[stage]
 
+    def _imported_start(self, stage_spec: Any, stage_dir: Path, tokenizer: Any) -> dict[str, Any]:
+        """A stage's ``init_from`` (a Hugging Face Phi-3/Phi-4 folder) as a DCP checkpoint under
+        ``<stage>/init/``, converted once; returns a ledger-like entry for it."""
+        from phi4_engine.titan.hf import import_hf
+
+        folder = stage_dir / "init"
+        facts_path = folder / "facts.json"
+        if not facts_path.exists():
+            try:
+                facts = import_hf(stage_spec.init_from, folder / "checkpoint")
+            except ValueError as exc:
+                raise EngineError(f"stage {stage_spec.name!r}: init_from {stage_spec.init_from}: {exc}") from None
+            digest = hashlib.sha256()
+            for path in sorted(Path(stage_spec.init_from).glob("*.safetensors")):
+                with open(path, "rb") as f:
+                    digest.update(path.name.encode() + hashlib.file_digest(f, "sha256").digest())
+            facts["weights_sha256"] = "hf-" + digest.hexdigest()
+            facts_path.write_bytes(orjson.dumps(facts))
+        facts = orjson.loads(facts_path.read_bytes())
+        spec = self.validate()
+        if facts["flavor"] != spec.model.flavor or facts["vocab_size"] != tokenizer.vocab_size:
+            raise EngineError(
+                f"stage {stage_spec.name!r}: init_from {stage_spec.init_from} holds a {facts['flavor']} model with "
+                f"vocab {facts['vocab_size']}; the spec says {spec.model.flavor} with vocab {tokenizer.vocab_size}"
+            )
+        return {"final_checkpoint": str(folder / "checkpoint"), "weights_sha256": facts["weights_sha256"],
+                "model": {"flavor": facts["flavor"], "rope_theta": facts["rope_theta"]}}
+
     def _run_one(self, rundir: RunDir, ledger: dict[str, Any], stage_spec: Any, tokenizer: Any, previous: dict[str, Any]) -> dict[str, Any]:
         name, kind = stage_spec.name, stage_spec.kind
-        init = previous.get("final_checkpoint")
         stage_dir = rundir.stage_dir(name)
         stage_dir.mkdir(parents=True, exist_ok=True)
+        if stage_spec.init_from:
+            previous = self._imported_start(stage_spec, stage_dir, tokenizer)
+        init = previous.get("final_checkpoint")
         ledger["stages"][name] = {
             **ledger["stages"].get(name, {}),
             "status": "running",

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, model_validator
 
 from phi4_engine.evaluation import WeightsRef
-from phi4_engine.spec.base import EvaluationRef, SpecModel
+from phi4_engine.spec.base import EvaluationRef, SpecModel, resolve_path
+
+
+def _existing_path(value: str, info: ValidationInfo) -> str:
+    return resolve_path(value, info)
 
 
 class StageSpec(SpecModel):
@@ -19,6 +23,9 @@ class StageSpec(SpecModel):
     """Stage name, also its folder in the run directory (defaults to the kind)."""
     evaluations: list[EvaluationRef] = Field(default_factory=list)  # type: ignore[valid-type]
     """Evaluations run on the stage's starting weights and on its final weights."""
+    init_from: Annotated[str, AfterValidator(_existing_path)] | None = None
+    """A Hugging Face ``Phi3ForCausalLM`` folder (e.g. from ``phi4-engine export``) to start
+    from instead of the previous stage's final weights; converted once into ``<stage>/init/``."""
 
     @model_validator(mode="before")
     @classmethod

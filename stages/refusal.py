@@ -63,7 +63,12 @@ class RefusalSpec(StageSpec):
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(64, ge=1)
     answer_above: float = Field(0.5, ge=0, le=1)
-    """SFT keeps the answer of an answerable question when P(correct) >= this; else a refusal."""
+    """SFT keeps the answer of an answerable question when P(correct) >= this ("usually
+    right"); else it teaches a refusal. The paper gives no number."""
+    refuse_below: float = Field(1.0, ge=0, le=1)
+    """DPO prefers a refusal to a wrong answer when P(correct) < this (1.0: whenever the model
+    is sometimes wrong, the paper's wording); a correct answer is preferred to a refusal
+    whenever it is sometimes right (P > 0)."""
     refusal: str = "I cannot answer this reliably."
     """What the model is taught to say to answerable questions it usually gets wrong."""
     refusal_prefix: str = "I cannot answer"
@@ -127,8 +132,8 @@ class RefusalStage:
             "steps": sft["steps"] + dpo["steps"],
             "tokens": sft["tokens"] + dpo["tokens"],
             "init_weights_sha256": ctx.init_weights_sha256,
-            "phases": {"sft": {k: sft[k] for k in ("steps", "tokens", "weights_sha256", "metrics")},
-                       "dpo": {k: dpo[k] for k in ("steps", "pairs", "weights_sha256", "metrics")}},
+            "phases": [{"phase": "sft", **{k: sft[k] for k in ("steps", "tokens", "weights_sha256", "metrics")}},
+                       {"phase": "dpo", **{k: dpo[k] for k in ("steps", "pairs", "weights_sha256", "metrics")}}],
             "data_building": report,
         }
 
@@ -188,7 +193,7 @@ class RefusalStage:
             sft_records.append({"id": q.id, "messages": [*q.messages, {"role": "assistant", "content": answer}], "p_correct": p_correct})
             if right:
                 pair(tok.encode(q.reference) + [tok.im_end_id], refusal_ids, "correct_over_refusal")
-            if wrong:
+            if wrong and p_correct < spec.refuse_below:
                 pair(refusal_ids, wrong[0], "refusal_over_wrong")
         pairs = pairs[: spec.dpo.pairs]
         return sft_records, pairs, {**counts, "pairs": len(pairs)}

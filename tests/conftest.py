@@ -64,3 +64,15 @@ def tiny_pretrain_spec(steps: int = 30, **stage: object) -> dict:
             }
         ],
     }
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one intra-op thread than on two (and than two fighting for the
+    cores with concurrent test runs). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -29,9 +29,14 @@ Pieces, from the inside out:
   ``h`` is exactly 0 and it contributes exactly zero gradient (the trainer reuses the chosen
   row's log-prob for the rejected one; otherwise the two rows' gradients would cancel only up to
   floating-point rounding).
+* Fast layouts (``dpo_layouts``): the loader's plain batch is the contract; the trainer,
+  ``sequence_logps`` and ``compute_reference_logps`` score it through ``pack_pairs`` whenever its
+  rows are one document each (``positions`` absent or ``0..L-1``): chosen and rejected share the
+  prompt (a pivotal pair is one forward over the prompt), rows stop at the last scored token,
+  short blocks are packed, and the LM head runs at scored positions only. The per-row log-probs
+  are the plain layout's within fp32 rounding.
 
-Not supported yet: pipeline parallelism, tensor parallelism (vocab-sharded logits), packing
-several pairs in a row or sharing the prompt between chosen and rejected.
+Not supported yet: pipeline parallelism, tensor parallelism (vocab-sharded logits).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from torchtitan.trainer import Trainer
 from phi4_engine.data.mixture import IGNORE_INDEX  # torchtitan's value too
 from phi4_engine.errors import EngineError
 from phi4_engine.titan import attention
+from phi4_engine.titan.dpo_layouts import is_plain_positions, pack_pairs, packed_logps, supports_custom_masks
 from phi4_engine.titan.generate import load_model, load_model_weights
 from phi4_engine.titan.trainer import (
     LMJob,
@@ -193,14 +199,23 @@ def sequence_logps(
     input_ids: torch.Tensor,
     loss_mask: torch.Tensor,
     positions: torch.Tensor | None = None,
+    *,
+    layout: str = "auto",
 ) -> torch.Tensor:
     """``logp[b] = sum_t loss_mask[b, t] * log p(input_ids[b, t] | input_ids[b, <t])``.
 
-    ``model`` is a Phi-4 torchtitan model with the ``sdpa`` backend (as ``load_model`` builds
-    it); ``positions`` (optional, ``[B, L]``) restart at 0 per packed document and become a
-    block-causal mask. Gradients flow when called outside ``no_grad``.
+    ``model`` is a Phi-4 torchtitan model (as ``load_model`` builds it); ``positions``
+    (optional, ``[B, L]``) restart at 0 per packed document and become a block-causal mask.
+    ``layout="auto"`` scores one-document rows through ``dpo_layouts.pack_pairs`` (rows ``b`` and
+    ``b + B/2`` share their common prefix, as a pair batch's do); ``"plain"`` runs the rows as
+    given with full logits. Gradients flow when called outside ``no_grad``.
     """
     _check_mask(input_ids, loss_mask)
+    if layout not in ("auto", "plain"):
+        raise ValueError(f"layout must be 'auto' or 'plain', got {layout!r}")
+    if layout == "auto" and is_plain_positions(positions, input_ids.shape):
+        packed = pack_pairs(input_ids, loss_mask, custom_masks=supports_custom_masks(model))
+        return packed_logps(model, packed)[0]
     kwargs: dict[str, Any] = {}
     if positions is not None:
         kwargs["positions"] = positions
@@ -403,6 +418,7 @@ class Phi4DPOTrainer(Phi4Trainer):
             raise EngineError("DPO supports data parallelism (FSDP) only, not pipeline or tensor parallelism (issue #8)")
         batch_degree = self.parallel_dims.get_mesh("batch").size() if self.parallel_dims.dp_enabled else 1
         self.pairs_per_step = config.training.local_batch_size * self.gradient_accumulation_steps * batch_degree
+        self.custom_masks = supports_custom_masks(self.model_parts[0])
         self.reference: nn.Module | None = None
         if config.dpo_reference == "live":
             self.reference = self._build_reference(config.checkpoint.initial_load_path)
@@ -436,6 +452,13 @@ class Phi4DPOTrainer(Phi4Trainer):
         chosen, rejected = logp[:n], logp[n:]
         return chosen, torch.where(same, chosen, rejected)
 
+    @staticmethod
+    def _logps(model, packed, model_inputs, extra, loss_mask):
+        if packed is not None:
+            return packed_logps(model, packed, model_inputs, **extra)
+        logits = model(model_inputs, **extra)
+        return logps_from_logits(logits, model_inputs, loss_mask)
+
     def forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
         if not isinstance(input_dict, dict):
             raise EngineError("DPO does not support pipeline parallelism (issue #8)")
@@ -447,17 +470,19 @@ class Phi4DPOTrainer(Phi4Trainer):
             raise ValueError(f"a DPO batch holds chosen then rejected rows; got an odd {inputs.shape[0]} rows")
         if self.reference is None and ref_logp is None:
             raise ValueError("reference='cached' but the batch has no 'ref_logp'")
-        inputs, labels, extra = self.post_dataloading_process(input_dict, labels)
+        _check_mask(inputs, loss_mask)
+        packed = None
+        if set(input_dict) <= {"input", "positions"} and is_plain_positions(input_dict.get("positions"), inputs.shape):
+            packed = pack_pairs(inputs, loss_mask, custom_masks=self.custom_masks)
+            model_inputs, labels, extra = self.post_dataloading_process(packed.model_inputs(inputs.device), labels)
+        else:  # rows holding several documents (or a custom mask): scored as given
+            model_inputs, labels, extra = self.post_dataloading_process(input_dict, labels)
         config = self.config
         with self.train_context():
-            logits = self.model_parts[0](inputs, **extra)
-            logp, counts = logps_from_logits(logits, inputs, loss_mask)
-            del logits
+            logp, counts = self._logps(self.model_parts[0], packed, model_inputs, extra, loss_mask)
             if ref_logp is None:
                 with torch.no_grad():
-                    ref_logits = self.reference(inputs, **extra)
-                    ref_logp = logps_from_logits(ref_logits, inputs, loss_mask)[0]
-                    del ref_logits
+                    ref_logp = self._logps(self.reference, packed, model_inputs, extra, loss_mask)[0]
             ref_logp = ref_logp.to(logp)
             if config.dpo_loss == "ipo":
                 denominator = counts.clamp_min(1).to(logp)

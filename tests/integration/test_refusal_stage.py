@@ -60,7 +60,8 @@ def test_phases_run_in_order_from_the_previous_stage(refusal_run):
     result, run_dir = refusal_run
     summary, sft = result.stages["refusal"].summary, result.stages["sft"].summary
     assert summary["init_weights_sha256"] == sft["weights_sha256"]
-    assert summary["phases"]["sft"]["steps"] == 6 and summary["phases"]["dpo"]["steps"] == 2
+    sft_phase, dpo_phase = summary["phases"]
+    assert (sft_phase["phase"], sft_phase["steps"], dpo_phase["phase"], dpo_phase["steps"]) == ("sft", 6, "dpo", 2)
     assert summary["steps"] == 8
     assert summary["final_checkpoint"].startswith(str(run_dir / "refusal" / "dpo" / "checkpoints"))
     assert (run_dir / "refusal" / "sft" / "metrics.jsonl").exists() and (run_dir / "refusal" / "dpo" / "metrics.jsonl").exists()

@@ -1,7 +1,7 @@
-"""The shipped specs/tiny.json, run once through pretrain → midtrain → sft, then checked.
+"""The shipped specs/tiny.json, run once through all six stages, then checked.
 
-One run serves every assertion here (about 6 minutes on 2 CPU cores): it is the embedded
-default exactly as a user runs it.
+One run serves every assertion here (about 11 minutes on 2 CPU cores): it is the embedded
+default exactly as a user runs it (`make demo`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ SFT_MARGIN = 0.15
 def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
     engine = Engine.from_file(SPECS / "tiny.json", run_dir=run_dir)
-    result = engine.run(["pretrain", "midtrain", "sft"])
+    result = engine.run()
     return engine, result, run_dir
 
 
@@ -80,3 +80,37 @@ def test_generate_from_the_finished_run(tiny_run):
     again = engine.generate([question, question], max_new_tokens=24)
     assert first[0] == again[0] == again[1]  # greedy, batch-independent
     assert "<|im_end|>" not in first[0]
+
+
+def test_dpo_pivotal_keeps_arithmetic_accuracy(tiny_run):
+    _, result, run_dir = tiny_run
+    evals = _eval(run_dir, "dpo-pivotal")
+    sft_accuracy = _eval(run_dir, "sft")["after"]["arithmetic"]["accuracy"]
+    assert evals["before"]["arithmetic"]["accuracy"] == sft_accuracy  # its "before" is the sft model
+    assert evals["after"]["arithmetic"]["accuracy"] >= sft_accuracy
+    pairs = (run_dir / "dpo-pivotal" / "data" / "pairs.jsonl").read_text().splitlines()
+    assert pairs and result.stages["dpo-pivotal"].summary["pts"]["pivotal_tokens"] >= len(pairs)
+
+
+def test_dpo_judge_raises_the_judge_score_over_sft(tiny_run):
+    _, _, run_dir = tiny_run
+    sft_score = _eval(run_dir, "dpo-pivotal")["before"]["judged"]["mean"]  # the sft model, same evaluation
+    after = _eval(run_dir, "dpo-judge")["after"]["judged"]
+    assert after["mean"] > sft_score, (sft_score, after)
+    assert after["failed"] == 0
+
+
+def test_refusal_declines_bogus_questions_and_keeps_answering(tiny_run):
+    _, _, run_dir = tiny_run
+    evals = _eval(run_dir, "refusal")
+    before, after = evals["before"]["refusal"], evals["after"]["refusal"]
+    assert after["bogus_not_attempted"] >= before["bogus_not_attempted"] + 0.5, (before, after)
+    assert after["answerable_correct"] >= before["answerable_correct"] - 0.05, (before, after)
+
+
+def test_each_stage_starts_from_the_previous_one(tiny_run):
+    _, result, _ = tiny_run
+    stages = list(result.stages.values())
+    assert [s.name for s in stages] == ["pretrain", "midtrain", "sft", "dpo-pivotal", "dpo-judge", "refusal"]
+    for previous, stage in zip(stages, stages[1:]):
+        assert stage.summary["init_weights_sha256"] == previous.summary["weights_sha256"], stage.name

@@ -27,14 +27,7 @@ def _model(flavor: str = "debug", *, vocab_size: int = VOCAB, max_seq_len: int =
     return model.eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster than two (and than two fighting
-    for cores with concurrent test runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
