@@ -11,7 +11,9 @@ Three phases, each resumable, in ``<stage>/``:
    * DPO pairs over the first ``dpo.first_tokens`` response tokens: correct ≻ refusal when the
      model is sometimes right; refusal ≻ its wrong answer when sometimes wrong; on a bogus
      question, refusal ≻ the model's attempted answer.
-2. **sft** (``sft/``): next-token training on the SFT records (loss on the answers only).
+2. **sft** (``sft/``): next-token training on the SFT records (loss on the answers only),
+   mixed with the ``recall_from`` stage's data (refusal records are ``refusal_share`` of the
+   tokens, as refusal data is a small share of the paper's post-training mixture).
 3. **dpo** (``dpo/``): DPO on the pairs from the SFT phase's weights (the reference is the
    SFT'd model, as in the paper's DPO after SFT).
 
@@ -36,7 +38,7 @@ from phi4_engine.progress import WorkProgress
 from phi4_engine.rundir import atomic_write
 from phi4_engine.spec.base import DataSourceRef, VerifierRef
 from phi4_engine.stage import StageContext, StageSpec
-from phi4_engine.training import LMTraining, run_lm_stage
+from phi4_engine.training import LMTraining, build_sources, run_lm_stage
 
 
 class RefusalSft(LMTraining):
@@ -74,6 +76,12 @@ class RefusalSpec(StageSpec):
     refusal_prefix: str = "I cannot answer"
     """An answer starting with this is a refusal (never sampled as a 'wrong answer')."""
     verifier: VerifierRef = Field(default_factory=lambda: {"kind": "math-answer"}, validate_default=True)  # type: ignore[assignment]
+    recall_from: str | None = "sft"
+    """Stage whose data sources are mixed into the refusal SFT phase ([P4]: refusal data is a
+    small share of the post-training mixture, not a data set of its own); null: refusal
+    records only."""
+    refusal_share: float = Field(0.3, gt=0, le=1)
+    """Token share of the refusal records in the SFT phase when ``recall_from`` is set."""
     sft: RefusalSft
     dpo: RefusalDpo
 
@@ -141,10 +149,18 @@ class RefusalStage:
         from phi4_engine.data.mixture import MixtureLoader
 
         ctx = _phase_ctx(self.ctx, "sft")
-        source = RecordsSource("refusal-sft", docs)
+        sources: list[tuple[Any, float]] = [(RecordsSource("refusal-sft", docs), 1.0)]
+        if self.spec.recall_from is not None:
+            recall = next((s for s in ctx.spec.stages if s.name == self.spec.recall_from and hasattr(s, "data")), None)
+            if recall is None:
+                raise EngineError(f"stage {self.ctx.stage_name!r}: recall_from {self.spec.recall_from!r} names no stage with data sources")
+            mixed = build_sources(ctx, recall.data.sources, decontamination=None)
+            total = sum(w for _, w in mixed)
+            share = self.spec.refusal_share
+            sources = [(sources[0][0], share)] + [(src, (1 - share) * w / total) for src, w in mixed]
 
         def make_loader(dp_rank: int, dp_world_size: int, seq_len: int, batch_size: int) -> Any:
-            return MixtureLoader([(source, 1.0)], ctx.tokenizer, seq_len=seq_len, batch_size=batch_size,
+            return MixtureLoader(sources, ctx.tokenizer, seq_len=seq_len, batch_size=batch_size,
                                  dp_rank=dp_rank, dp_world_size=dp_world_size, chat=True)
 
         return run_lm_stage(ctx, self.spec.sft, make_loader)

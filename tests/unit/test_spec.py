@@ -216,4 +216,9 @@ def test_tiny_differs_from_full_only_in_scale():
         assert t[name].loss == f[name].loss and t[name].reference == f[name].reference
     assert t["dpo-judge"].judge.kind == "rule" and f["dpo-judge"].candidates == t["dpo-judge"].candidates
     assert t["refusal"].dpo.first_tokens == f["refusal"].dpo.first_tokens == 5
-    assert t["refusal"].answer_above == f["refusal"].answer_above and t["refusal"].dpo.loss == f["refusal"].dpo.loss
+    assert t["refusal"].dpo.loss == f["refusal"].dpo.loss and t["refusal"].recall_from == f["refusal"].recall_from == "sft"
+    # Scale knobs the paper gives no number for: a 5M model cannot tell which of its own answers
+    # are wrong (teaching it to refuse "usually wrong" questions makes it refuse arithmetic at
+    # large), and needs a larger refusal share to learn the bogus patterns in 60 steps.
+    assert (f["refusal"].answer_above, f["refusal"].refuse_below) == (0.5, 1.0)
+    assert (t["refusal"].answer_above, t["refusal"].refuse_below) == (0.0, 0.0)
