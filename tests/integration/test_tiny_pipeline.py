@@ -1,6 +1,6 @@
 """The shipped specs/tiny.json, run once through all six stages, then checked.
 
-One run serves every assertion here (about 11 minutes on 2 CPU cores): it is the embedded
+One run serves every assertion here (about 14.5 minutes on 2 CPU cores): it is the embedded
 default exactly as a user runs it (`make demo`).
 """
 
@@ -85,9 +85,10 @@ def test_generate_from_the_finished_run(tiny_run):
 def test_dpo_pivotal_keeps_arithmetic_accuracy(tiny_run):
     _, result, run_dir = tiny_run
     evals = _eval(run_dir, "dpo-pivotal")
-    sft_accuracy = _eval(run_dir, "sft")["after"]["arithmetic"]["accuracy"]
-    assert evals["before"]["arithmetic"]["accuracy"] == sft_accuracy  # its "before" is the sft model
-    assert evals["after"]["arithmetic"]["accuracy"] >= sft_accuracy
+    assert evals["weights"]["before"] == result.stages["sft"].summary["final_checkpoint"]  # "before" = the sft model
+    # Measured: 0.42 -> 0.42 on 200 held-out problems (64 pairs from 64-rollout estimates; with
+    # 16 rollouts the p estimates are noise-level and 256 pairs cost 10 points, see issue #6).
+    assert evals["after"]["arithmetic"]["accuracy"] >= evals["before"]["arithmetic"]["accuracy"]
     pairs = (run_dir / "dpo-pivotal" / "data" / "pairs.jsonl").read_text().splitlines()
     assert pairs and result.stages["dpo-pivotal"].summary["pts"]["pivotal_tokens"] >= len(pairs)
 
@@ -96,6 +97,7 @@ def test_dpo_judge_raises_the_judge_score_over_sft(tiny_run):
     _, _, run_dir = tiny_run
     sft_score = _eval(run_dir, "dpo-pivotal")["before"]["judged"]["mean"]  # the sft model, same evaluation
     after = _eval(run_dir, "dpo-judge")["after"]["judged"]
+    # Measured: 3.460 (sft) -> 3.460 (dpo-pivotal) -> 3.473 (dpo-judge), 200 problems.
     assert after["mean"] > sft_score, (sft_score, after)
     assert after["failed"] == 0
 
@@ -104,6 +106,7 @@ def test_refusal_declines_bogus_questions_and_keeps_answering(tiny_run):
     _, _, run_dir = tiny_run
     evals = _eval(run_dir, "refusal")
     before, after = evals["before"]["refusal"], evals["after"]["refusal"]
+    # Measured: bogus not-attempted 0.00 -> 0.96; answerable correct 0.37 -> 0.43.
     assert after["bogus_not_attempted"] >= before["bogus_not_attempted"] + 0.5, (before, after)
     assert after["answerable_correct"] >= before["answerable_correct"] - 0.05, (before, after)
 
