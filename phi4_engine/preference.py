@@ -129,6 +129,25 @@ def iter_prompts(ctx: StageContext, sources: Sequence[Any]) -> Iterator[Prompt]:
         yield Prompt(f"{name}:{doc.id}", messages, reference, doc.meta)
 
 
+def prompt_batches(ctx: StageContext, spec: "DpoStageSpec", size: int, counts: dict[str, int]) -> Iterator[list[Prompt]]:
+    """Batches of ``size`` prompts whose rendered chat leaves room for ``max_new_tokens``
+    within ``seq_len``; the others are counted in ``counts["too_long"]``."""
+    prompts = iter_prompts(ctx, spec.prompts)
+    counts.setdefault("too_long", 0)
+    while True:
+        batch: list[Prompt] = []
+        for prompt in prompts:
+            if len(ctx.tokenizer.encode_chat(prompt.messages, add_generation_prompt=True)[0]) + spec.max_new_tokens > spec.seq_len:
+                counts["too_long"] += 1
+                continue
+            batch.append(prompt)
+            if len(batch) == size:
+                break
+        if not batch:
+            return
+        yield batch
+
+
 # -- the pairs file --------------------------------------------------------------------------
 
 
@@ -166,6 +185,17 @@ def load_pairs(ctx: StageContext) -> tuple[list[dict[str, Any]], str, dict[str, 
     report_path = folder / "pairs-report.json"
     report = orjson.loads(report_path.read_bytes()) if report_path.exists() else {}
     return records, hashlib.sha256(data).hexdigest(), report
+
+
+def build_then_train(ctx: StageContext, spec: DpoTraining, build: Any, report_key: str) -> dict[str, Any]:
+    """The DPO stage's two phases: ``build() -> (records, report)`` once (skipped when
+    ``pairs.jsonl`` exists), then DPO on the pairs; the report joins the summary."""
+    if load_pairs(ctx) is None:
+        save_pairs(ctx, *build())
+    records, sha, report = load_pairs(ctx)  # type: ignore[misc]
+    summary = train_on_pairs(ctx, spec, records, sha)
+    summary[report_key] = report
+    return summary
 
 
 def preference_pairs(records: Sequence[dict[str, Any]]) -> list[Any]:

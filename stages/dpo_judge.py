@@ -24,13 +24,11 @@ from phi4_engine.judging import JudgeItem, Verdict, VerdictCache, prefer
 from phi4_engine.preference import (
     DpoStageSpec,
     Prompt,
+    build_then_train,
     data_dir,
-    iter_prompts,
-    load_pairs,
     load_policy,
-    save_pairs,
+    prompt_batches,
     stable_seed,
-    train_on_pairs,
 )
 from phi4_engine.progress import WorkProgress
 from phi4_engine.rundir import AppendLog
@@ -59,12 +57,7 @@ class DpoJudgeStage:
         self.spec, self.ctx = spec, ctx
 
     def run(self) -> dict[str, Any]:
-        if load_pairs(self.ctx) is None:
-            save_pairs(self.ctx, *self.build_pairs())
-        records, sha, report = load_pairs(self.ctx)  # type: ignore[misc]
-        summary = train_on_pairs(self.ctx, self.spec, records, sha)
-        summary["pair_building"] = report
-        return summary
+        return build_then_train(self.ctx, self.spec, self.build_pairs, "pair_building")
 
     # -- building pairs ----------------------------------------------------------------------
 
@@ -80,22 +73,8 @@ class DpoJudgeStage:
         done = {rec["batch"]: rec["responses"] for rec in log.records}
         counts = {"prompts": 0, "too_long": 0, "ties": 0, "no_verdicts": 0, "from_reference": 0}
         records: list[dict[str, Any]] = []
-        batch: list[Prompt] = []
-        index = 0
         with log, VerdictCache(folder) as cache, WorkProgress(f"{ctx.stage_name}: pairs", total=spec.pairs, unit="pairs") as bar:
-            prompts = iter_prompts(ctx, spec.prompts)
-            while len(records) < spec.pairs:
-                batch = []
-                for prompt in prompts:
-                    ids = tok.encode_chat(prompt.messages, add_generation_prompt=True)[0]
-                    if len(ids) + spec.max_new_tokens > spec.seq_len:
-                        counts["too_long"] += 1
-                        continue
-                    batch.append(prompt)
-                    if len(batch) == spec.prompts_per_batch:
-                        break
-                if not batch:
-                    break
+            for index, batch in enumerate(prompt_batches(ctx, spec, spec.prompts_per_batch, counts)):
                 responses = done.get(index)
                 if responses is None:
                     responses = self._generate(generator, batch, index)
@@ -103,8 +82,9 @@ class DpoJudgeStage:
                 new = self._pairs_for_batch(judge, cache, batch, responses, counts)
                 records.extend(new[: spec.pairs - len(records)])
                 counts["prompts"] += len(batch)
-                index += 1
                 bar.advance(len(new), info=f"{counts['prompts']} prompts")
+                if len(records) >= spec.pairs:
+                    break
             stats = cache.stats()
         if stats["asked"] and stats["ok"] == 0:
             raise EngineError(f"stage {ctx.stage_name!r}: every judgment failed ({stats}); see "

@@ -21,16 +21,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from phi4_engine.preference import (
-    DpoStageSpec,
-    Prompt,
-    data_dir,
-    iter_prompts,
-    load_pairs,
-    load_policy,
-    save_pairs,
-    train_on_pairs,
-)
+from phi4_engine.preference import DpoStageSpec, build_then_train, data_dir, load_policy, prompt_batches
 from phi4_engine.progress import WorkProgress
 from phi4_engine.spec.base import SpecModel, VerifierRef
 from phi4_engine.stage import StageContext
@@ -76,12 +67,7 @@ class DpoPivotalStage:
         self.spec, self.ctx = spec, ctx
 
     def run(self) -> dict[str, Any]:
-        if load_pairs(self.ctx) is None:
-            save_pairs(self.ctx, *self.search())
-        records, sha, report = load_pairs(self.ctx)  # type: ignore[misc]
-        summary = train_on_pairs(self.ctx, self.spec, records, sha)
-        summary["pts"] = report
-        return summary
+        return build_then_train(self.ctx, self.spec, self.search, "pts")
 
     def search(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         from phi4_engine.pts import PTSConfig, questions_from_prompts
@@ -97,28 +83,19 @@ class DpoPivotalStage:
         verifier = ctx.registry.build("verifier", pts.verifier)
         model = load_policy(ctx, spec.seq_len)
         records: list[dict[str, Any]] = []
-        too_long = 0
-        prompts = iter_prompts(ctx, spec.prompts)
+        counts = {"too_long": 0}
         bar = WorkProgress(f"{ctx.stage_name}: pivotal token search", total=spec.pairs, unit="pairs")
         with build_search(model, tok, verifier, config, policy_id=ctx.init_weights_sha256,
                           cache_dir=data_dir(ctx)) as search, bar:
-            while len(records) < spec.pairs:
-                batch: list[Prompt] = []
-                for prompt in prompts:
-                    if len(tok.encode_chat(prompt.messages, add_generation_prompt=True)[0]) + spec.max_new_tokens > spec.seq_len:
-                        too_long += 1
-                        continue
-                    batch.append(prompt)
-                    if len(batch) == pts.questions_per_round:
-                        break
-                if not batch:
-                    break
+            for batch in prompt_batches(ctx, spec, pts.questions_per_round, counts):
                 result = search.run(questions_from_prompts(batch, tok))
                 new = [pair.record(tok.decode) for pair in result.pairs][: spec.pairs - len(records)]
                 records.extend(new)
                 report = result.report
                 bar.advance(len(new), info=f"{report['questions']} questions, {report['rollouts']} rollouts")
-            report = {**search.report(), "too_long": too_long, "pairs_kept": len(records)}
+                if len(records) >= spec.pairs:
+                    break
+            report = {**search.report(), **counts, "pairs_kept": len(records)}
         print(format_report(ctx.stage_name, report), file=sys.stderr)
         return records, report
 
