@@ -79,6 +79,24 @@ def greedy_answers(model: Any, tokenizer: Any, conversations: list[list[dict[str
     return [tokenizer.decode(o) for o in generator.generate(prompts, max_new_tokens=max_new_tokens)]
 
 
+class _GreedyChatEvaluation:
+    """What the chat evaluations share: held-out problems from a source, answered greedily."""
+
+    name = ""
+
+    def __init__(self, spec: Any, ctx: Any) -> None:
+        self.spec = spec
+        self.tokenizer = ctx.tokenizer
+        self.source = ctx.build_source(spec.source)
+        self.max_seq_len = 1024
+        if hasattr(spec, "verifier"):
+            self.verifier = ctx.registry.build("verifier", spec.verifier)
+
+    def answers(self, model: Any) -> tuple[list[tuple[list[dict[str, str]], dict[str, Any]]], list[str]]:
+        problems = chat_problems(self.source, self.spec.problems, self.name)
+        return problems, greedy_answers(model, self.tokenizer, [p for p, _ in problems], self.spec.max_new_tokens)
+
+
 class TaskAccuracySpec(_EvalSpec):
     """Share of held-out problems whose greedy answer is right."""
 
@@ -92,17 +110,11 @@ class TaskAccuracySpec(_EvalSpec):
     ``meta.answer``) or ``python-tests`` (the code passes the task's tests in the sandbox)."""
 
 
-class TaskAccuracy:
-    def __init__(self, spec: TaskAccuracySpec, ctx: Any) -> None:
-        self.spec = spec
-        self.tokenizer = ctx.tokenizer
-        self.source = ctx.build_source(spec.source)
-        self.verifier = ctx.registry.build("verifier", spec.verifier)
-        self.max_seq_len = 1024
+class TaskAccuracy(_GreedyChatEvaluation):
+    name = "task-accuracy"
 
     def run(self, model: Any) -> dict[str, float]:
-        problems = chat_problems(self.source, self.spec.problems, "task-accuracy")
-        answers = greedy_answers(model, self.tokenizer, [p for p, _ in problems], self.spec.max_new_tokens)
+        problems, answers = self.answers(model)
         verdicts = self.verifier.verify_many((meta, answer) for answer, (_, meta) in zip(answers, problems))
         return {"accuracy": sum(verdicts) / len(problems), "problems": float(len(problems))}
 
@@ -118,22 +130,20 @@ class JudgeScoreSpec(_EvalSpec):
     judge: JudgeRef = Field(default_factory=lambda: {"kind": "rule"}, validate_default=True)  # type: ignore[assignment]
 
 
-class JudgeScore:
+class JudgeScore(_GreedyChatEvaluation):
     """A failed judgment is counted (``failed``) and left out of the means, never scored; an
     evaluation where every judgment failed is an error."""
 
+    name = "judge-score"
+
     def __init__(self, spec: JudgeScoreSpec, ctx: Any) -> None:
-        self.spec = spec
-        self.tokenizer = ctx.tokenizer
-        self.source = ctx.build_source(spec.source)
+        super().__init__(spec, ctx)
         self.judge = ctx.registry.build("judge", spec.judge)
-        self.max_seq_len = 1024
 
     def run(self, model: Any) -> dict[str, float]:
         from phi4_engine.judging import DIMENSIONS, JudgeItem, Verdict
 
-        problems = chat_problems(self.source, self.spec.problems, "judge-score")
-        answers = greedy_answers(model, self.tokenizer, [p for p, _ in problems], self.spec.max_new_tokens)
+        problems, answers = self.answers(model)
         results = self.judge.score_many([JudgeItem(p, a, meta) for a, (p, meta) in zip(answers, problems)])
         verdicts = [r for r in results if isinstance(r, Verdict)]
         if not verdicts:
@@ -160,19 +170,13 @@ class RefusalRatesSpec(_EvalSpec):
     verifier: VerifierRef = Field(default_factory=lambda: {"kind": "math-answer"}, validate_default=True)  # type: ignore[assignment]
 
 
-class RefusalRates:
-    def __init__(self, spec: RefusalRatesSpec, ctx: Any) -> None:
-        self.spec = spec
-        self.tokenizer = ctx.tokenizer
-        self.source = ctx.build_source(spec.source)
-        self.verifier = ctx.registry.build("verifier", spec.verifier)
-        self.max_seq_len = 1024
+class RefusalRates(_GreedyChatEvaluation):
+    name = "refusal-rates"
 
     def run(self, model: Any) -> dict[str, float]:
-        problems = chat_problems(self.source, self.spec.problems, "refusal-rates")
+        problems, answers = self.answers(model)
         if any("bogus" not in meta for _, meta in problems):
             raise ValueError("refusal-rates needs records whose meta says 'bogus': true/false (e.g. synthetic-refusal)")
-        answers = greedy_answers(model, self.tokenizer, [p for p, _ in problems], self.spec.max_new_tokens)
         counts = {k: 0 for k in ("bogus", "bogus_not_attempted", "answerable", "answerable_correct", "answerable_not_attempted")}
         checks = []
         for answer, (_, meta) in zip(answers, problems):
