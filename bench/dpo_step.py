@@ -74,12 +74,10 @@ def make_pairs(workload: str, n: int, vocab_ranks: int, seed: int = 0) -> list[t
 
 
 def _engine(pairs, args, vocab, pad_id, seq_len, workdir) -> list[float]:
-    import warnings
-
     import torch
-    import torch.distributed.checkpoint as dcp
 
     from phi4_engine.titan import dpo, phi4
+    from phi4_engine.titan.generate import save_weights
     from phi4_engine.titan.dpo import DPOJob, PreferencePair, compute_reference_logps, pairs_loader, run_dpo
 
     if args.ours_layout == "plain":  # ablation: every batch scored as the loader pads it, full logits
@@ -89,9 +87,7 @@ def _engine(pairs, args, vocab, pad_id, seq_len, workdir) -> list[float]:
     with torch.no_grad():
         model.init_states()
     init = os.path.join(workdir, "init", "step-0")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(model.state_dict(), checkpoint_id=init, no_dist=True)
+    save_weights(model.state_dict(), init)
     del model
     prefs = [PreferencePair(p, c, r) for p, c, r in pairs]
     refs = compute_reference_logps(

@@ -1,4 +1,8 @@
-"""Errors that reach users as one line (exit code 2 for spec/usage errors)."""
+"""Errors that reach users as one line, each kind with its own exit code:
+
+1 other engine errors, 2 spec / usage / plugin, 3 data, 4 non-finite loss or gradient,
+5 checkpoint integrity or write failure.
+"""
 
 from __future__ import annotations
 
@@ -31,3 +35,16 @@ class UsageError(EngineError):
     """A command-line argument (or its Python API twin) is invalid; nothing was changed."""
 
     exit_code = 2
+
+
+class NonFiniteError(EngineError):
+    """A loss or gradient was NaN/inf: every rank stopped before the optimizer step; the stage's
+    ``nonfinite.json`` names the step, the batch and the parameters. The last checkpoint is intact."""
+
+    exit_code = 4
+
+
+class CheckpointError(EngineError):
+    """A checkpoint failed its sha256 manifest (or could not be written); the file is named."""
+
+    exit_code = 5

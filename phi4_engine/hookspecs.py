@@ -123,13 +123,15 @@ def phi4_stage_start(run_dir: str, stage: str, kind: str, stage_dir: str, total_
 
 
 @hookspec
-def phi4_step_end(stage: str, stage_dir: str, step: int, metrics: dict[str, float]) -> None:
-    """An optimizer step finished; ``metrics`` holds at least ``loss``, ``lr`` and ``grad_norm``."""
+def phi4_step_end(stage: str, stage_dir: str, step: int, metrics: dict[str, float | str]) -> None:
+    """An optimizer step finished; ``metrics`` holds at least ``loss``, ``lr`` and ``grad_norm``
+    (floats) and ``batch`` (a string: a digest of the step's input ids and labels on rank 0, so
+    two runs or a run and its resume can be compared sample for sample)."""
 
 
 @hookspec
 def phi4_checkpoint_saved(stage: str, step: int, path: str) -> None:
-    """A committed checkpoint for ``step`` now exists at ``path``."""
+    """A committed checkpoint for ``step`` now exists at ``path`` (its sha256 manifest written)."""
 
 
 @hookspec

@@ -261,6 +261,7 @@ def train_on_pairs(ctx: StageContext, spec: DpoTraining, records: Sequence[dict[
         make_loader=pairs_loader(pairs, pad_id=ctx.tokenizer.pad_id, ref_logps=ref, seed=ctx.spec.seed),
         loss=loss.kind, beta=loss.beta, reference=spec.reference, init_weights_from=ctx.init_checkpoint,
         checkpoint_interval=ctx.spec.checkpoint.interval, keep_latest_k=ctx.spec.checkpoint.keep_latest_k,
+        on_corrupt=ctx.spec.checkpoint.on_corrupt,
         **progress.callbacks(),
     )  # fmt: skip
     model_config = write_model_config(ctx, flavor=weights.flavor, rope_theta=weights.rope_theta, seq_len=spec.seq_len)

@@ -247,6 +247,7 @@ def run_lm_stage(
         seed=run_spec.seed,
         checkpoint_interval=run_spec.checkpoint.interval,
         keep_latest_k=run_spec.checkpoint.keep_latest_k,
+        on_corrupt=run_spec.checkpoint.on_corrupt,
         init_weights_from=ctx.init_checkpoint,
         **progress.callbacks(),
     )

@@ -10,9 +10,12 @@ import os
 import sys
 from typing import Any
 
+from pathlib import Path
+
 import orjson
 
 from phi4_engine import hookimpl
+from phi4_engine.rundir import atomic_write
 
 _settings: dict[str, dict[str, Any]] = {}  # run_dir -> spec["logging"]
 _open: dict[str, "_StageLoggers"] = {}  # stage_dir -> loggers
@@ -51,7 +54,8 @@ class _StageLoggers:
     def step(self, step: int, metrics: dict[str, float]) -> None:
         if self.tb is not None:
             for key, value in metrics.items():
-                self.tb.add_scalar(key, value, step)
+                if isinstance(value, (int, float)):  # not ``batch`` (a digest string)
+                    self.tb.add_scalar(key, value, step)
         if self.jsonl is not None:
             self.jsonl.write(orjson.dumps({"step": step, **metrics}) + b"\n")
             self.jsonl.flush()
@@ -69,13 +73,21 @@ class _StageLoggers:
 
 
 def _truncate_after(path: str, step: int) -> None:
-    """Keep only lines with step <= ``step`` (those after it were lost with the last run)."""
+    """Keep only lines with step <= ``step`` (those after it were lost with the last run).
+    Rewritten atomically: a crash here must not lose the lines that are kept."""
     if not os.path.exists(path):
         return
     with open(path, "rb") as f:
-        lines = [line for line in f if line.strip() and orjson.loads(line).get("step", 0) <= step]
-    with open(path, "wb") as f:
-        f.writelines(lines)
+        # A line torn by a kill mid-write is not JSON: it is dropped with the steps after ``step``.
+        lines = [line for line in f if line.strip() and _step_of(line) <= step]
+    atomic_write(Path(path), b"".join(line if line.endswith(b"\n") else line + b"\n" for line in lines))
+
+
+def _step_of(line: bytes) -> float:
+    try:
+        return orjson.loads(line).get("step", 0)
+    except orjson.JSONDecodeError:
+        return float("inf")
 
 
 @hookimpl

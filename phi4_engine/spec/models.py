@@ -33,6 +33,9 @@ class CheckpointSection(SpecModel):
     keep_latest_k: int = Field(2, ge=0)
     """Keep this many newest checkpoints per stage (0 keeps all; otherwise at least 2, so the
     newest complete one survives while the next is being written)."""
+    on_corrupt: Literal["fail", "previous"] = "fail"
+    """A checkpoint failing its sha256 manifest at resume: ``fail`` stops with the file named;
+    ``previous`` moves it to ``<stage>/checkpoints-quarantine/`` and resumes from the one before."""
 
     @field_validator("keep_latest_k")
     @classmethod

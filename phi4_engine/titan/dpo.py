@@ -66,6 +66,7 @@ from phi4_engine.titan.trainer import (
     LMJob,
     Phi4Trainer,
     _process_group,
+    attach_job,
     trainer_config,
     weights_sha256,
 )
@@ -562,11 +563,7 @@ def build_dpo_trainer(job: DPOJob) -> Phi4DPOTrainer:
     """The trainer for ``job`` (inside a process group: see ``run_dpo``)."""
     warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
     titan_logger.setLevel(logging.ERROR)
-    trainer = Phi4DPOTrainer(dpo_trainer_config(job))
-    trainer.on_start = job.on_start
-    trainer.on_step = job.on_step
-    trainer.on_checkpoint = job.on_checkpoint
-    return trainer
+    return attach_job(Phi4DPOTrainer(dpo_trainer_config(job)), job)
 
 
 def run_dpo(job: DPOJob) -> DPOResult:

@@ -38,6 +38,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import torch.nn.functional as F
 
+from phi4_engine import checkpoints
 from phi4_engine.errors import EngineError
 from phi4_engine.titan import phi4
 
@@ -49,6 +50,7 @@ __all__ = [
     "load_model",
     "load_model_weights",
     "resolve_checkpoint",
+    "save_weights",
 ]
 
 
@@ -60,15 +62,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / ".metadata").is_file():
         return path
-    steps = []
-    if path.is_dir():
-        for child in path.iterdir():
-            match = re.fullmatch(r"step-(\d+)", child.name)
-            if match and (child / ".metadata").is_file():
-                steps.append((int(match.group(1)), child))
-    if not steps:
-        raise EngineError(f"generate: no DCP checkpoint at {path} (no .metadata, no step-N with one)")
-    return max(steps)[1]
+    committed = [p for p in checkpoints.step_dirs(path).values() if checkpoints.is_committed(p)]
+    if not committed:
+        raise EngineError(f"generate: no committed DCP checkpoint at {path} (no .metadata, no step-N with a manifest)")
+    return committed[-1]
+
+
+def save_weights(state: dict[str, torch.Tensor], folder: str | Path) -> Path:
+    """Save a model state dict as a committed DCP checkpoint (with its sha256 manifest) that
+    ``load_model_weights`` and a stage's initial load accept. Without a process group."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=str(folder), no_dist=True)
+    checkpoints.write_manifest(folder, 0, checkpoints.hash_files(folder, checkpoints.checkpoint_files(folder)))
+    return Path(folder)
 
 
 def load_model_weights(model: nn.Module, checkpoint_dir: str | Path) -> Path:
@@ -81,6 +88,7 @@ def load_model_weights(model: nn.Module, checkpoint_dir: str | Path) -> Path:
     else. Runs without a process group (``no_dist``). Returns the folder it read.
     """
     folder = resolve_checkpoint(checkpoint_dir)
+    checkpoints.verify(folder)  # never read weights that differ from what was saved
     reader = dcp.FileSystemReader(str(folder))
     stored = reader.read_metadata().state_dict_metadata
     state = model.state_dict()

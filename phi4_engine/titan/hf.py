@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed.checkpoint as dcp
 
+from phi4_engine import checkpoints
+from phi4_engine.titan.generate import resolve_checkpoint, save_weights
 from phi4_engine.titan.phi4 import FLAVORS, Phi4Shape
 
 if TYPE_CHECKING:
@@ -304,6 +306,7 @@ def _dump(path: Path, data: Mapping) -> None:
 
 
 def _read_dcp(folder: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    checkpoints.verify(folder)
     reader = dcp.FileSystemReader(str(folder))
     stored = reader.read_metadata().state_dict_metadata
     state = {k: torch.empty(tuple(stored[k].size), dtype=stored[k].properties.dtype) for k in keys}
@@ -337,7 +340,6 @@ def export_hf(
     from safetensors.torch import save_file
 
     from phi4_engine.hf_tokenizer import special_token_ids, write_hf_tokenizer
-    from phi4_engine.titan.generate import resolve_checkpoint
 
     if flavor not in FLAVORS:
         raise ValueError(f"export_hf: unknown flavor {flavor!r}; known: {', '.join(FLAVORS)}")
@@ -495,9 +497,7 @@ def import_hf(hf_dir: str | Path, out_checkpoint_dir: str | Path) -> dict:
     out = Path(out_checkpoint_dir)
     tmp = _fresh_folder(out)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(state, checkpoint_id=str(tmp), no_dist=True)
+        save_weights(state, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -12,14 +12,16 @@ import contextlib
 import hashlib
 import logging
 import os
-import shutil
+import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import orjson
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.dataloader import BaseDataLoader
 from torchtitan.components.loss import CrossEntropyLoss
@@ -30,6 +32,9 @@ from torchtitan.config import ParallelismConfig, TrainingConfig
 from torchtitan.tools.logging import logger as titan_logger
 from torchtitan.trainer import Trainer
 
+from phi4_engine import checkpoints
+from phi4_engine.errors import CheckpointError, NonFiniteError
+from phi4_engine.rundir import atomic_write
 from phi4_engine.titan import attention, phi4
 
 
@@ -113,6 +118,7 @@ class LMJob:
     max_norm: float = 1.0
     checkpoint_interval: int = 100
     keep_latest_k: int = 2
+    on_corrupt: str = "fail"  # "fail" | "previous": what a checkpoint failing its manifest does
     init_weights_from: str | None = None
     global_batch_size: int = -1
     attention: str = "sdpa"
@@ -142,26 +148,58 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 
 class Phi4Trainer(Trainer):
-    """torchtitan's Trainer with the engine's step/checkpoint callbacks and no end-of-run sleep."""
+    """torchtitan's Trainer with the engine's step/checkpoint callbacks and its integrity rules:
+
+    * every saved checkpoint is committed with a sha256 manifest (:mod:`phi4_engine.checkpoints`);
+      resume and the stage handoff load only committed, verified checkpoints; retention counts
+      committed ones only (torchtitan's own purge is off: it counts any ``step-N`` folder);
+    * a NaN/inf loss or gradient stops every rank before the optimizer step, with a diagnostic
+      record (``nonfinite.json``) and :class:`NonFiniteError`;
+    * each step's metrics carry ``batch``: a digest of the step's input ids and labels (this
+      rank's share), so runs and resumes can be compared sample for sample.
+    """
 
     on_start: Callable[[int], None] | None = None
-    on_step: Callable[[int, dict[str, float]], None] | None = None
+    on_step: Callable[[int, dict[str, Any]], None] | None = None
     on_checkpoint: Callable[[int, str], None] | None = None
     init_weights_sha256: str | None = None
+    keep_latest_k: int = 0
+    on_corrupt: str = "fail"
 
     def __init__(self, config: Trainer.Config) -> None:
         super().__init__(config)
         log = self.metrics_processor.log
+        self._batch_digest = hashlib.sha256()
+        self._step_losses: list[torch.Tensor] = []
 
         def log_and_report(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
             log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra_metrics)
             if self.on_step is not None:
-                metrics = {"loss": float(global_avg_loss), "grad_norm": float(grad_norm)}
+                metrics: dict[str, Any] = {"loss": float(global_avg_loss), "grad_norm": float(grad_norm)}
                 for key, value in (extra_metrics or {}).items():
                     metrics[key] = float(value)
+                metrics["batch"] = self._batch_digest.hexdigest()[:16]
                 self.on_step(step, metrics)
 
         self.metrics_processor.log = log_and_report
+
+        # The non-finite guard sits between torchtitan's gradient clipping and the optimizer
+        # step: wrapping the two calls keeps torchtitan's train_step as it is.
+        optimizer_step = self.optimizers.step
+
+        def guarded_step(*args: Any, **kwargs: Any) -> Any:
+            self._stop_if_nonfinite()
+            return optimizer_step(*args, **kwargs)
+
+        self.optimizers.step = guarded_step
+        forward_backward = self.forward_backward_step
+
+        def recorded(**kwargs: Any) -> torch.Tensor:
+            loss = forward_backward(**kwargs)
+            self._step_losses.append(loss.detach())
+            return loss
+
+        self.forward_backward_step = recorded
 
     # -- Packed documents: attention masks from the loader's ``positions`` ---------------------
     # torchtitan builds masks only for Flex/Varlen; add them for our SDPA backend (and plain
@@ -170,9 +208,18 @@ class Phi4Trainer(Trainer):
         input_dict = attention.prepare_attention_inputs(self.model_config, input_dict)
         return super().post_dataloading_process(input_dict, labels)
 
+    def batch_generator(self, data_iterable):
+        for input_dict, labels in super().batch_generator(data_iterable):
+            self._batch_digest.update(input_dict["input"].contiguous().numpy().tobytes())
+            self._batch_digest.update(labels.contiguous().numpy().tobytes())
+            yield input_dict, labels
+
     def train(self) -> None:
         config = self.config
-        self.checkpointer.load(step=config.checkpoint.load_step)
+        resume_step = self._committed_resume_step()
+        if resume_step == 0 and config.checkpoint.initial_load_path:
+            self._verify(config.checkpoint.initial_load_path)
+        self.checkpointer.load(step=resume_step if resume_step else -1)
         if self.step == 0 and config.checkpoint.initial_load_path:
             # The stage handoff: the ledger proves these are the previous stage's final weights.
             self.init_weights_sha256 = weights_sha256(self.model_parts[0])
@@ -182,30 +229,129 @@ class Phi4Trainer(Trainer):
         while self.step < config.training.steps:
             self.step += 1
             self.gc_handler.run(self.step)
+            self._batch_digest = hashlib.sha256()
+            self._step_losses = []
             self.train_step(data_iterator)
             last = self.step == config.training.steps
-            self.checkpointer.save(self.step, last_step=last)
-            if self.on_checkpoint is not None and (last or self.step % config.checkpoint.interval == 0):
-                self.checkpointer.maybe_wait_for_staging()
-                self.on_checkpoint(self.step, os.path.join(self.checkpointer.folder, f"step-{self.step}"))
-        self._purge_after_last_save()
+            if self.checkpointer.save(self.step, last_step=last):
+                self.checkpointer.maybe_wait_for_saving()
+                path = os.path.join(self.checkpointer.folder, f"step-{self.step}")
+                self._commit(path)
+                if dist.get_rank() == 0:
+                    checkpoints.purge(self.checkpointer.folder, self.keep_latest_k)
+                if self.on_checkpoint is not None:
+                    self.on_checkpoint(self.step, path)
 
-    def _purge_after_last_save(self) -> None:
-        """Apply keep_latest_k once more: torchtitan's last-step save does not purge, so k+1
-        checkpoints would remain. Only complete checkpoints (with .metadata) count as newest."""
-        keep = self.config.checkpoint.keep_latest_k
+    # -- checkpoint integrity ------------------------------------------------------------------
+
+    def _my_share(self, files: list[str]) -> list[str]:
+        """This rank's files to hash: round-robin over the sorted list (all ranks share a disk)."""
+        return files[dist.get_rank():: dist.get_world_size()]
+
+    def _commit(self, path: str) -> None:
+        """Write the manifest of the checkpoint just saved: each rank hashes a share of the files."""
+        dist.barrier()  # every rank's files are on disk before any rank lists them
+        files = checkpoints.checkpoint_files(path)
+        entries = checkpoints.hash_files(path, self._my_share(files))
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, entries)
+        if dist.get_rank() == 0:
+            merged = {name: entry for part in gathered for name, entry in part.items()}
+            checkpoints.write_manifest(path, self.step, merged)
+        dist.barrier()
+
+    def _problems(self, path: str) -> list[str]:
+        """Manifest problems of the checkpoint at ``path``, its files checked by all ranks in shares."""
+        try:
+            manifest = checkpoints.read_manifest(path)
+        except CheckpointError as exc:
+            return [str(exc)]
+        if manifest is None:
+            return checkpoints.problems(path)  # the same one line on every rank
+        found = checkpoints.problems(path, self._my_share(sorted(manifest["files"])))
+        if dist.get_rank() == 0:
+            found += checkpoints.unlisted(path, manifest)
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, found)
+        return sorted(p for part in gathered for p in part)
+
+    def _verify(self, path: str) -> None:
+        found = self._problems(path)
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise CheckpointError(f"corrupt checkpoint: {found[0]}{more}; refusing to load it")
+
+    def _committed_resume_step(self) -> int:
+        """The newest committed, intact checkpoint of this stage (0: none, start fresh).
+
+        Folders without a manifest (a save killed half-way) are quarantined. A committed one
+        failing its manifest stops the run (``on_corrupt: fail``) or is quarantined in favour
+        of the one before (``previous``). Nothing is deleted.
+        """
         folder = self.checkpointer.folder
-        if keep <= 0 or dist.get_rank() != 0 or not os.path.isdir(folder):
-            return
-        self.checkpointer.maybe_wait_for_saving()
-        steps = sorted(
-            int(name.split("-", 1)[1])
-            for name in os.listdir(folder)
-            if name.startswith("step-") and name.split("-", 1)[1].isdigit()
-            and os.path.exists(os.path.join(folder, name, ".metadata"))
+        if dist.get_rank() == 0:
+            for step, path in checkpoints.step_dirs(folder).items():
+                if not checkpoints.is_committed(path):
+                    moved = checkpoints.quarantine(path, "incomplete")
+                    _say(f"checkpoint step-{step} was never completed (the run stopped while writing it); moved to {moved}")
+        dist.barrier()
+        for step, path in reversed(list(checkpoints.step_dirs(folder).items())):
+            found = self._problems(str(path))
+            if not found:
+                return step
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            if self.on_corrupt != "previous":
+                raise CheckpointError(
+                    f"corrupt checkpoint: {found[0]}{more}; refusing to resume from it "
+                    '(checkpoint.on_corrupt: "previous" would fall back to the one before)'
+                )
+            if dist.get_rank() == 0:
+                moved = checkpoints.quarantine(path, "corrupt")
+                _say(f"checkpoint step-{step} is corrupt: {found[0]}{more}; moved to {moved}, trying the one before")
+            dist.barrier()
+        return 0
+
+    # -- non-finite guard ----------------------------------------------------------------------
+
+    def _stop_if_nonfinite(self) -> None:
+        grads = [_local(p.grad) for m in self.model_parts for p in m.parameters() if p.grad is not None]
+        checks = [torch.stack(torch._foreach_norm(grads)).isfinite().all()] if grads else []
+        checks += [loss.isfinite().all() for loss in self._step_losses]
+        bad = torch.tensor(0.0 if all(bool(c) for c in checks) else 1.0, device=self.device)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            self._report_nonfinite()
+
+    def _report_nonfinite(self) -> None:
+        named = [(n, _local(p.grad)) for m in self.model_parts for n, p in m.named_parameters() if p.grad is not None]
+        mine = {
+            "rank": dist.get_rank(),
+            "batch": self._batch_digest.hexdigest()[:16],
+            "loss": [float(loss.sum()) for loss in self._step_losses],
+            "nonfinite_grads": [n for n, g in named if not bool(g.isfinite().all())][:20],
+        }
+        ranks: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+        committed = [s for s, p in checkpoints.step_dirs(self.checkpointer.folder).items() if checkpoints.is_committed(p)]
+        resume = f"step-{committed[-1]}" if committed else "the stage's start"
+        path = os.path.join(self.config.dump_folder, "nonfinite.json")
+        if dist.get_rank() == 0:
+            record = {"step": self.step, "ranks": ranks, "resumes_from": resume}
+            atomic_write(Path(path), orjson.dumps(record, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+        raise NonFiniteError(
+            f"non-finite loss or gradient at step {self.step} (batch {ranks[0]['batch']}); every rank stopped "
+            f"before the optimizer step; details in {path}; a rerun resumes from {resume}"
         )
-        for step in steps[:-keep]:
-            shutil.rmtree(os.path.join(folder, f"step-{step}"), ignore_errors=True)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _say(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(f"phi4-engine: {message}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -248,7 +394,7 @@ def trainer_config(job: LMJob) -> Trainer.Config:
         enable=True,
         folder="checkpoints",
         interval=job.checkpoint_interval,
-        keep_latest_k=job.keep_latest_k,
+        keep_latest_k=0,  # retention is the engine's (Phi4Trainer): it counts committed checkpoints only
         last_save_model_only=False,
         initial_load_path=job.init_weights_from,
         initial_load_model_only=True,
@@ -287,6 +433,16 @@ def trainer_config(job: LMJob) -> Trainer.Config:
     )
 
 
+def attach_job(trainer: Phi4Trainer, job: LMJob) -> Phi4Trainer:
+    """Give ``trainer`` the job's callbacks and checkpoint rules (retention, corruption policy)."""
+    trainer.on_start = job.on_start
+    trainer.on_step = job.on_step
+    trainer.on_checkpoint = job.on_checkpoint
+    trainer.keep_latest_k = job.keep_latest_k
+    trainer.on_corrupt = job.on_corrupt
+    return trainer
+
+
 def run_lm(job: LMJob) -> LMResult:
     with _process_group():
         return _run_lm(job)
@@ -300,10 +456,7 @@ def _run_lm(job: LMJob) -> LMResult:
     config = trainer_config(job)
     config.debug.seed = job.seed
     config.debug.deterministic = True
-    trainer = Phi4Trainer(config)
-    trainer.on_start = job.on_start
-    trainer.on_step = job.on_step
-    trainer.on_checkpoint = job.on_checkpoint
+    trainer = attach_job(Phi4Trainer(config), job)
     try:
         trainer.train()
         return LMResult(

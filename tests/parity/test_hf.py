@@ -9,16 +9,14 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 
 from phi4_engine.hf_tokenizer import CHAT_TEMPLATE, derive_merges, write_hf_tokenizer
 from phi4_engine.tokenizer import build_phi4, build_phi4_mini, load_cl100k_ranks
 from phi4_engine.titan import hf, phi4
-from phi4_engine.titan.generate import load_model, load_model_weights
+from phi4_engine.titan.generate import load_model, load_model_weights, save_weights
 
 THETA = 250000.0
 MAX_POS = 64
@@ -62,9 +60,7 @@ def _save_random_model(folder, flavor: str, vocab_size: int, seed: int = 0) -> d
             elif ".wq." in name or ".wk." in name:
                 p.mul_(8.0)  # sharp attention, so a RoPE layout error moves the logits a lot
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(model.state_dict(), checkpoint_id=str(folder), no_dist=True)
+    save_weights(model.state_dict(), str(folder))
     return state
 
 

@@ -7,11 +7,9 @@ bit-identical; cached reference log-probs train exactly like the live reference.
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 
 from phi4_engine.titan import phi4
@@ -27,7 +25,7 @@ from phi4_engine.titan.dpo import (
     run_dpo,
     sequence_logps,
 )
-from phi4_engine.titan.generate import load_model
+from phi4_engine.titan.generate import load_model, save_weights
 from phi4_engine.titan.trainer import _process_group
 
 VOCAB = 128
@@ -50,9 +48,7 @@ def init_checkpoint(tmp_path_factory):
     model = spec.model.build()
     with torch.no_grad():
         model.init_states()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(model.state_dict(), checkpoint_id=str(folder), no_dist=True)
+    save_weights(model.state_dict(), str(folder))
     return str(folder)
 
 

@@ -7,11 +7,9 @@ precompute must pick them by themselves.
 from __future__ import annotations
 
 import random
-import warnings
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 
 from phi4_engine.titan import dpo, dpo_layouts, phi4
 from phi4_engine.titan.dpo import (
@@ -24,6 +22,7 @@ from phi4_engine.titan.dpo import (
     run_dpo,
     sequence_logps,
 )
+from phi4_engine.titan.generate import save_weights
 from phi4_engine.titan.dpo_layouts import REJECTED_TAIL, pack_pairs, packed_logps
 
 VOCAB = 128
@@ -48,9 +47,7 @@ def model():
 @pytest.fixture(scope="module")
 def init_checkpoint(tmp_path_factory, model):
     folder = tmp_path_factory.mktemp("init") / "step-0"
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(model.state_dict(), checkpoint_id=str(folder), no_dist=True)
+    save_weights(model.state_dict(), str(folder))
     return str(folder)
 
 
