@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -159,9 +160,17 @@ class Engine:
         resolved = self.resolved_spec()
         sha = sha256_of(resolved)
         rundir = self.run_dir
-        rundir.check_identity(resolved, self.origin)
-        rundir.write_spec(resolved, canonical_json(resolved), sha)
         ledger = rundir.read_ledger()
+        started = {
+            name for name, entry in ledger.get("stages", {}).items()
+            if entry.get("status") in ("running", "failed", "done") and rundir.stage_dir(name).is_dir()
+        }  # fmt: skip
+        changes = rundir.check_resume(resolved, self.origin, started)
+        if changes:
+            ledger.setdefault("spec_changes", []).append({"time": now(), "changes": changes})
+            print(f"phi4-engine: spec changed since this run dir's last run (allowed; recorded in ledger.json): "
+                  f"{'; '.join(changes)}", file=sys.stderr)  # fmt: skip
+        rundir.write_spec(resolved, canonical_json(resolved), sha)
         ledger.update(
             spec_sha256=sha,
             spec_name=spec.name,
@@ -327,8 +336,19 @@ class Engine:
         if stage_spec.init_from:
             previous = self._imported_start(stage_spec, stage_dir, tokenizer)
         init = previous.get("final_checkpoint")
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        before = ledger["stages"].get(name, {})
+        if before.get("status") in ("running", "failed") and before.get("world_size", world_size) != world_size:
+            # The data order and the optimizer shards belong to the data-parallel layout: a
+            # different world size cannot continue this stage exactly.
+            raise SpecError(
+                f"{self.origin}: stage {name!r} was started with {before['world_size']} processes and is being "
+                f"resumed with {world_size}; identity fields changed: world_size: {before['world_size']} -> "
+                f"{world_size} (resume with --nproc {before['world_size']}, or delete {stage_dir} to redo the stage)"
+            )
         ledger["stages"][name] = {
             **ledger["stages"].get(name, {}),
+            "world_size": world_size,
             "status": "running",
             "kind": kind,
             "started": now(),

@@ -92,6 +92,7 @@ class Registry:
                 f"{reg.category} kind {reg.kind!r} is registered twice: by {existing.origin} "
                 f"and by {reg.origin}"
             )
+        _check_spec_model(reg)
         self.kinds[reg.category][reg.kind] = reg
 
     def get(self, category: str, kind: str) -> Registration:
@@ -105,7 +106,7 @@ class Registry:
         """Call the factory registered for ``spec.kind``, naming the plugin if it fails."""
         reg = self.get(category, spec.kind)  # type: ignore[attr-defined]
         try:
-            return reg.factory(spec, *args)
+            built = reg.factory(spec, *args)
         except (PluginError,):
             raise
         except Exception as exc:
@@ -116,6 +117,79 @@ class Registry:
             raise PluginError(
                 f"{reg.origin} failed to build {category} {reg.kind!r}: {type(exc).__name__}: {exc}"
             ) from exc
+        missing = [name for name in INTERFACES.get(category, ()) if not hasattr(built, name)]
+        if missing:
+            hook = next(h for h, c in REGISTRATION_HOOKS.items() if c == category)
+            raise PluginError(
+                f"{reg.origin} built {category} {reg.kind!r} as a {type(built).__name__}, which lacks "
+                f"{', '.join(missing)} (see the {hook} hook's documentation)"
+            )
+        if category == "verifier":
+            return CheckedVerifier(built, reg.origin)
+        return built
+
+
+# What the engine calls on what each category's factory returns (checked when it is built).
+INTERFACES: dict[str, tuple[str, ...]] = {
+    "stage": ("run",),
+    "data_source": ("documents",),
+    "tokenizer": ("encode", "decode", "vocab_size"),
+    "judge": ("score",),
+    "verifier": ("verify",),
+    "evaluation": ("run",),
+}
+
+
+class CheckedVerifier:
+    """A verifier as the engine uses it: ``verify_many`` even when the plugin only has
+    ``verify``, and every verdict checked to be a bool (a plugin returning ``"yes"`` or
+    ``None`` would otherwise count as a pass or a failure silently)."""
+
+    def __init__(self, inner: Any, origin: PluginOrigin) -> None:
+        self.inner, self.origin = inner, origin
+        self.name = getattr(inner, "name", None) or type(inner).__name__
+        self.version = str(getattr(inner, "version", None) or origin.version)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def verify(self, task_meta: Any, completion: str) -> bool:
+        return self._checked([self.inner.verify(task_meta, completion)])[0]
+
+    def verify_many(self, items: Any) -> list[bool]:
+        items = list(items)
+        if hasattr(self.inner, "verify_many"):
+            verdicts = list(self.inner.verify_many(items))
+        else:
+            verdicts = [self.inner.verify(meta, completion) for meta, completion in items]
+        if len(verdicts) != len(items):
+            raise PluginError(f"{self.origin}: verifier {self.name!r} returned {len(verdicts)} verdicts for {len(items)} items")
+        return self._checked(verdicts)
+
+    def _checked(self, verdicts: list[Any]) -> list[bool]:
+        for verdict in verdicts:
+            if not isinstance(verdict, bool):
+                raise PluginError(
+                    f"{self.origin}: verifier {self.name!r} returned {type(verdict).__name__} {verdict!r}; "
+                    "verify() must return True or False"
+                )
+        return verdicts
+
+
+def _check_spec_model(reg: Registration) -> None:
+    """A kind's spec model must be a pydantic model whose ``kind`` is ``Literal[<kind>]`` (the
+    spec's tagged unions are built on it); say so now, naming the plugin, not deep in pydantic."""
+    import typing
+
+    model = reg.spec_model
+    field_info = getattr(model, "model_fields", {}).get("kind") if isinstance(model, type) else None
+    annotation = getattr(field_info, "annotation", None)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)) or typing.get_origin(annotation) is not typing.Literal \
+            or reg.kind not in typing.get_args(annotation):  # fmt: skip
+        raise PluginError(
+            f"{reg.origin} registered {reg.category} {reg.kind!r} with spec model "
+            f"{getattr(model, '__name__', model)!r}, which needs a field kind: Literal[{reg.kind!r}]"
+        )
 
 
 def _env_list(name: str) -> list[str] | None:

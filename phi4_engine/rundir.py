@@ -79,8 +79,25 @@ class AppendLog:
         self.close()
 
 
-# Fields that define what a run *is*: changing them under an existing run dir is refused.
+# Fields that define what a run *is*: changing them under an existing run dir is refused. So is
+# any change to a stage that has started (its data, budget, optimizer…), except the ones below.
 IDENTITY_FIELDS = ("seed", "model", "tokenizer")
+# Fields of a started stage that may change at resume (they do not change what it trains on or how).
+SAFE_STAGE_FIELDS = ("evaluations",)
+
+
+def json_diff(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted path, old, new)`` for every leaf that differs between two JSON values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in sorted(set(old) | set(new), key=str)
+                for d in json_diff(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))]  # fmt: skip
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in json_diff(a, b, f"{path}[{i}]")]
+    return [] if old == new else [(path, old, new)]
+
+
+def _show(path: str, old: Any, new: Any) -> str:
+    return f"{path}: {orjson.dumps(old).decode()} -> {orjson.dumps(new).decode()}"
 
 
 class RunDir:
@@ -101,27 +118,38 @@ class RunDir:
     def write_ledger(self, ledger: dict[str, Any]) -> None:
         atomic_write(self.ledger_path, orjson.dumps(ledger, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
 
-    def check_identity(self, spec: dict[str, Any], origin: str) -> None:
-        """Refuse to continue a run whose identity fields changed (the diff is in the message)."""
+    def check_resume(self, spec: dict[str, Any], origin: str, started: set[str]) -> list[str]:
+        """Compare ``spec`` with the one this run dir was made by. Identity changes (seed, model,
+        tokenizer, the stages' names and kinds, anything of a ``started`` stage but its
+        evaluations) raise SpecError with the diff; the other changes are returned, one line
+        each, for the caller to record."""
         previous_path = self.path / "spec.json"
         if not previous_path.exists():
-            return
+            return []
         previous = orjson.loads(previous_path.read_bytes())
-        diffs = [
-            f"{key}: {orjson.dumps(previous.get(key)).decode()} -> {orjson.dumps(spec.get(key)).decode()}"
-            for key in IDENTITY_FIELDS
-            if previous.get(key) != spec.get(key)
-        ]
         old_kinds = [(s.get("name"), s.get("kind")) for s in previous.get("stages", [])]
         new_kinds = [(s.get("name"), s.get("kind")) for s in spec.get("stages", [])]
-        if old_kinds != new_kinds:
-            diffs.append(f"stages: {old_kinds} -> {new_kinds}")
-        if diffs:
+        identity: list[str] = [] if old_kinds == new_kinds else [f"stages: {old_kinds} -> {new_kinds}"]
+        safe: list[str] = []
+        names = {f"stages[{i}]": name for i, (name, _) in enumerate(new_kinds)}
+        for path, old, new in json_diff(previous, spec):
+            head = path.split(".", 1)[0]
+            stage = names.get(head.split("]")[0] + "]") if head.startswith("stages[") else None
+            if head in IDENTITY_FIELDS:
+                identity.append(_show(path, old, new))
+            elif head.startswith("stages") and old_kinds != new_kinds:
+                continue  # already reported as a whole
+            elif stage in started and not path.split(".", 1)[-1].startswith(SAFE_STAGE_FIELDS):
+                identity.append(_show(path.replace(head.split("]")[0] + "]", f"stages.{stage}", 1), old, new))
+            else:
+                safe.append(_show(path, old, new))
+        if identity:
             raise SpecError(
                 f"{origin}: run dir {self.path} was made by a different spec; identity fields changed: "
-                + "; ".join(diffs)
-                + " (use a new --run-dir)"
+                + "; ".join(identity)
+                + " (use a new --run-dir, or delete the stage folders to redo)"
             )
+        return safe
 
     def write_spec(self, spec: dict[str, Any], canonical: bytes, sha256: str) -> None:
         atomic_write(self.path / "spec.json", canonical)

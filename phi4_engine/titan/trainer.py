@@ -220,9 +220,17 @@ class Phi4Trainer(Trainer):
         if resume_step == 0 and config.checkpoint.initial_load_path:
             self._verify(config.checkpoint.initial_load_path)
         self.checkpointer.load(step=resume_step if resume_step else -1)
-        if self.step == 0 and config.checkpoint.initial_load_path:
+        if config.checkpoint.initial_load_path:
             # The stage handoff: the ledger proves these are the previous stage's final weights.
-            self.init_weights_sha256 = weights_sha256(self.model_parts[0])
+            # Hashed when the stage starts; a resumed stage reads what its start recorded.
+            record = Path(config.dump_folder) / "init-weights.json"
+            if self.step == 0:
+                self.init_weights_sha256 = weights_sha256(self.model_parts[0])
+                if dist.get_rank() == 0:
+                    atomic_write(record, orjson.dumps({"checkpoint": config.checkpoint.initial_load_path,
+                                                       "weights_sha256": self.init_weights_sha256}))  # fmt: skip
+            elif record.exists():
+                self.init_weights_sha256 = orjson.loads(record.read_bytes())["weights_sha256"]
         if self.on_start is not None:
             self.on_start(self.step)
         data_iterator = self.batch_generator(self.dataloader)

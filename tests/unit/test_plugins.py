@@ -28,12 +28,16 @@ class ExtraPlugin:
         register("extra-source", ExtraSpec, lambda spec, ctx: None)
 
 
+class OtherJsonlSpec(DataSourceSpec):
+    kind: Literal["jsonl"]
+
+
 class DuplicatePlugin:
     __name__ = "duplicate"
 
     @hookimpl
     def phi4_register_data_sources(self, register):
-        register("jsonl", ExtraSpec, lambda spec, ctx: None)
+        register("jsonl", OtherJsonlSpec, lambda spec, ctx: None)
 
 
 class MisspeltPlugin:

@@ -1,0 +1,137 @@
+"""``python -m tests.reliability.driver <phi4-engine CLI args>``: the real CLI in a subprocess,
+with the test plugins registered and, if ``PHI4_TEST_FAULT`` says so, one fault injected.
+
+Faults (``KIND:STEP``, STEP an optimizer step of the stage named by ``PHI4_TEST_FAULT_STAGE``
+when set, else of any stage):
+
+* ``kill-mid-save``      SIGKILL after the shard files of checkpoint step-STEP are written,
+                         before DCP's ``.metadata`` (a save torn half-way);
+* ``kill-before-commit`` SIGKILL after ``.metadata``, before the engine's manifest;
+* ``nan-loss``           the loss and one gradient become NaN at STEP;
+* ``inf-grad``           one gradient element becomes inf at STEP (the loss stays finite);
+* ``enospc``             writing checkpoint step-STEP fails with ENOSPC (disk full).
+
+Only this file reaches into the engine's internals; the tests read files and exit codes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+from typing import Literal
+
+import torch
+
+from phi4_engine import hookimpl
+from phi4_engine.spec.base import SpecModel
+
+
+class HasDigitSpec(SpecModel):
+    kind: Literal["has-three"]
+
+
+class HasThree:
+    """A verifier a barely trained model passes sometimes: the completion contains a 3."""
+
+    name, version = "has-three", "1"
+
+    def __init__(self, spec: HasDigitSpec) -> None:
+        self.spec = spec
+
+    def verify(self, task_meta, completion) -> bool:
+        return "3" in completion
+
+
+class TestPlugin:
+    @hookimpl
+    def phi4_register_verifiers(self, register):
+        register("has-three", HasDigitSpec, HasThree)
+
+
+def _install_plugins() -> None:
+    import phi4_engine.manager as manager
+
+    init = manager.PluginHost.__init__
+
+    def with_test_plugin(self, extra_plugins=()):
+        init(self, (*extra_plugins, TestPlugin()))
+
+    manager.PluginHost.__init__ = with_test_plugin
+
+
+def _stage_matches(path: str) -> bool:
+    stage = os.environ.get("PHI4_TEST_FAULT_STAGE")
+    return stage is None or f"/{stage}/checkpoints/" in str(path) + "/"
+
+
+def _install_fault(kind: str, step: int) -> None:
+    import torch.distributed.checkpoint.filesystem as fs
+
+    from phi4_engine import checkpoints
+    from phi4_engine.titan import trainer
+
+    def is_target(path) -> bool:
+        return str(path).rstrip("/").endswith(f"/step-{step}") and _stage_matches(str(path).rstrip("/") + "/")
+
+    if kind == "kill-mid-save":
+        finish = fs._FileSystemWriter.finish
+
+        def finish_or_die(self, metadata, results):
+            if is_target(self.path):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return finish(self, metadata, results)
+
+        fs._FileSystemWriter.finish = finish_or_die
+    elif kind == "kill-before-commit":
+        write_manifest = checkpoints.write_manifest
+
+        def write_or_die(path, at_step, entries):
+            if is_target(path):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return write_manifest(path, at_step, entries)
+
+        checkpoints.write_manifest = write_or_die
+    elif kind == "enospc":
+        write_data = fs._FileSystemWriter.write_data
+
+        def write_or_fail(self, plan, planner):
+            if is_target(self.path):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+            return write_data(self, plan, planner)
+
+        fs._FileSystemWriter.write_data = write_or_fail
+    elif kind in ("nan-loss", "inf-grad"):
+        stop = trainer.Phi4Trainer._stop_if_nonfinite
+
+        def poisoned(self):
+            if self.step == step and _stage_matches(self.checkpointer.folder + "/"):
+                param = next(p for m in self.model_parts for p in m.parameters() if p.grad is not None)
+                grad = trainer._local(param.grad)
+                if kind == "nan-loss":
+                    self._step_losses = [loss * float("nan") for loss in self._step_losses]
+                    grad.fill_(float("nan"))
+                else:
+                    grad.view(-1)[0] = float("inf")
+            return stop(self)
+
+        trainer.Phi4Trainer._stop_if_nonfinite = poisoned
+    else:
+        raise SystemExit(f"driver: unknown fault {kind!r}")
+
+
+def main() -> int:
+    torch.set_num_threads(1)
+    _install_plugins()
+    fault = os.environ.get("PHI4_TEST_FAULT")
+    if fault:
+        kind, step = fault.split(":")
+        _install_fault(kind, int(step))
+    from phi4_engine.cli import main as cli_main
+
+    return cli_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
