@@ -22,7 +22,7 @@ from typing import Any, Callable
 import pluggy
 from pydantic import BaseModel
 
-from phi4_engine import __version__, hookspecs
+from phi4_engine import __version__, choices, hookspecs
 from phi4_engine.errors import PluginError
 
 GROUP = "phi4_engine"
@@ -117,6 +117,12 @@ class Registry:
             raise PluginError(
                 f"{reg.origin} failed to build {category} {reg.kind!r}: {type(exc).__name__}: {exc}"
             ) from exc
+        expected = _RESULT_TYPES.get(category)
+        if expected is not None and not isinstance(built, expected):
+            raise PluginError(
+                f"{reg.origin} built {category} {reg.kind!r} as a {type(built).__name__}; "
+                f"expected a phi4_engine.choices.{expected.__name__}"
+            )
         missing = [name for name in INTERFACES.get(category, ()) if not hasattr(built, name)]
         if missing:
             hook = next(h for h, c in REGISTRATION_HOOKS.items() if c == category)
@@ -126,6 +132,8 @@ class Registry:
             )
         if category == "verifier":
             return CheckedVerifier(built, reg.origin)
+        if category == "data_source":
+            _check_documents(built, reg.origin)
         return built
 
 
@@ -138,6 +146,10 @@ INTERFACES: dict[str, tuple[str, ...]] = {
     "verifier": ("verify",),
     "evaluation": ("run",),
 }
+
+
+# Categories whose factories return a plain description of a fixed type.
+_RESULT_TYPES: dict[str, type] = {"parallelism": choices.Layout, "scheduler": choices.Schedule}
 
 
 class CheckedVerifier:
@@ -174,6 +186,32 @@ class CheckedVerifier:
                     "verify() must return True or False"
                 )
         return verdicts
+
+
+def _check_documents(source: Any, origin: PluginOrigin) -> None:
+    """Make ``source.documents`` name the plugin when it raises or yields something that is not
+    a :class:`~phi4_engine.data.source.Document` (errors the engine raises pass unchanged)."""
+    from phi4_engine.data.source import Document
+    from phi4_engine.errors import EngineError
+
+    inner = source.documents
+    name = getattr(source, "name", "?")
+
+    def documents(*args: Any, **kwargs: Any) -> Any:
+        try:
+            for doc in inner(*args, **kwargs):
+                if not isinstance(doc, Document):
+                    raise PluginError(
+                        f"{origin}: data source {name!r} yielded a {type(doc).__name__}; "
+                        "documents() must yield phi4_engine.data.source.Document"
+                    )
+                yield doc
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"{origin}: data source {name!r} failed: {type(exc).__name__}: {exc}") from exc
+
+    source.documents = documents
 
 
 def _check_spec_model(reg: Registration) -> None:

@@ -82,8 +82,9 @@ class AppendLog:
 # Fields that define what a run *is*: changing them under an existing run dir is refused. So is
 # any change to a stage that has started (its data, budget, optimizer…), except the ones below.
 IDENTITY_FIELDS = ("seed", "model", "tokenizer")
-# Fields of a started stage that may change at resume (they do not change what it trains on or how).
-SAFE_STAGE_FIELDS = ("evaluations",)
+# Fields of a started stage that may change at resume: they do not change what it trains on or
+# how (a flaky judge API may need a longer timeout or fewer parallel requests to finish).
+SAFE_STAGE_FIELDS = ("evaluations", "judge.timeout_s", "judge.concurrency", "judge.max_retries")
 
 
 def json_diff(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
@@ -134,15 +135,17 @@ class RunDir:
         names = {f"stages[{i}]": name for i, (name, _) in enumerate(new_kinds)}
         for path, old, new in json_diff(previous, spec):
             head = path.split(".", 1)[0]
-            stage = names.get(head.split("]")[0] + "]") if head.startswith("stages[") else None
-            if head in IDENTITY_FIELDS:
-                identity.append(_show(path, old, new))
-            elif head.startswith("stages") and old_kinds != new_kinds:
+            if head.startswith("stages") and old_kinds != new_kinds:
                 continue  # already reported as a whole
+            index = head.split("]")[0] + "]" if head.startswith("stages[") else None
+            stage = names.get(index or "")
+            shown = _show(path.replace(index, f"stages.{stage}", 1) if stage else path, old, new)
+            if head in IDENTITY_FIELDS:
+                identity.append(shown)
             elif stage in started and not path.split(".", 1)[-1].startswith(SAFE_STAGE_FIELDS):
-                identity.append(_show(path.replace(head.split("]")[0] + "]", f"stages.{stage}", 1), old, new))
+                identity.append(shown)
             else:
-                safe.append(_show(path, old, new))
+                safe.append(shown)
         if identity:
             raise SpecError(
                 f"{origin}: run dir {self.path} was made by a different spec; identity fields changed: "

@@ -76,3 +76,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+EXAMPLE_PLUGIN = REPO / "examples" / "phi4-engine-example-plugin"
+
+
+@pytest.fixture(scope="session")
+def installed_example():
+    """The example third-party plugin, pip-installed (entry point ``example``, distribution
+    phi4-engine-example-plugin 0.2.0) for the session. Shadowing its module on PYTHONPATH gives
+    tests a plugin that misbehaves under a real distribution name and version."""
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", str(EXAMPLE_PLUGIN)]
+    subprocess.run(pip, check=True, capture_output=True, text=True)
+    yield
+    subprocess.run([sys.executable, "-m", "pip", "uninstall", "--quiet", "--yes", "phi4-engine-example-plugin"], check=True)

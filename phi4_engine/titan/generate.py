@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from phi4_engine import checkpoints
 from phi4_engine.errors import EngineError
-from phi4_engine.titan import phi4
+from phi4_engine.titan import phi4, safe_metadata
 
 __all__ = [
     "CachedDecoder",
@@ -60,8 +60,8 @@ __all__ = [
 def resolve_checkpoint(path: str | Path) -> Path:
     """A DCP checkpoint folder: ``path`` itself, or its newest committed ``step-N`` child."""
     path = Path(path)
-    if (path / ".metadata").is_file():
-        return path
+    if (path / ".metadata").is_file() or checkpoints.is_committed(path):
+        return path  # a checkpoint itself (verified, with any missing file named, by the caller)
     committed = [p for p in checkpoints.step_dirs(path).values() if checkpoints.is_committed(p)]
     if not committed:
         raise EngineError(f"generate: no committed DCP checkpoint at {path} (no .metadata, no step-N with a manifest)")
@@ -90,7 +90,7 @@ def load_model_weights(model: nn.Module, checkpoint_dir: str | Path) -> Path:
     folder = resolve_checkpoint(checkpoint_dir)
     checkpoints.verify(folder)  # never read weights that differ from what was saved
     reader = dcp.FileSystemReader(str(folder))
-    stored = reader.read_metadata().state_dict_metadata
+    stored = safe_metadata.read_metadata(folder).state_dict_metadata
     state = model.state_dict()
     missing = sorted(k for k in state if k not in stored)
     if missing:

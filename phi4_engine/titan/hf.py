@@ -34,6 +34,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from phi4_engine import checkpoints
+from phi4_engine.titan import safe_metadata
 from phi4_engine.titan.generate import resolve_checkpoint, save_weights
 from phi4_engine.titan.phi4 import FLAVORS, Phi4Shape
 
@@ -308,7 +309,7 @@ def _dump(path: Path, data: Mapping) -> None:
 def _read_dcp(folder: Path, keys: list[str]) -> dict[str, torch.Tensor]:
     checkpoints.verify(folder)
     reader = dcp.FileSystemReader(str(folder))
-    stored = reader.read_metadata().state_dict_metadata
+    stored = safe_metadata.read_metadata(folder).state_dict_metadata
     state = {k: torch.empty(tuple(stored[k].size), dtype=stored[k].properties.dtype) for k in keys}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -351,7 +352,7 @@ def export_hf(
         )
     shape = FLAVORS[flavor]
     folder = resolve_checkpoint(checkpoint_dir)
-    stored = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    stored = safe_metadata.read_metadata(folder).state_dict_metadata
     for key, want in titan_shapes(shape, vocab_size).items():
         if key not in stored:
             raise ValueError(

@@ -13,6 +13,7 @@ one-line :class:`~phi4_engine.errors.CheckpointError` naming the global and the 
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import types
 from typing import Any
@@ -46,11 +47,21 @@ def _allowed(module: str, name: str) -> bool:
     return False
 
 
+class ForeignPickle(BaseException):
+    """Raised by the restricted unpickler. A BaseException on purpose: DCP's loader catches
+    ``Exception`` from ``read_metadata`` and falls back to other metadata files, which would
+    hide the refusal; callers turn it into :class:`CheckpointError` (:func:`as_checkpoint_error`)."""
+
+
+def as_checkpoint_error(exc: ForeignPickle) -> CheckpointError:
+    return CheckpointError(str(exc))
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if not _allowed(module, name):
             where = getattr(self, "source", "checkpoint metadata")
-            raise CheckpointError(
+            raise ForeignPickle(
                 f"{where}: refusing to unpickle {module}.{name} (not a DCP metadata class; "
                 "the checkpoint may have been tampered with)"
             )
@@ -62,6 +73,15 @@ def safe_load(file: io.BufferedIOBase) -> Any:
     unpickler = _MetadataUnpickler(file)
     unpickler.source = getattr(file, "name", "checkpoint metadata")  # type: ignore[attr-defined]
     return unpickler.load()
+
+
+def read_metadata(folder: str | os.PathLike[str]) -> Any:
+    """The DCP metadata of the checkpoint in ``folder`` (restricted unpickling; a refusal is a
+    :class:`CheckpointError`)."""
+    try:
+        return dcp_filesystem.FileSystemReader(str(folder)).read_metadata()
+    except ForeignPickle as exc:
+        raise as_checkpoint_error(exc) from None
 
 
 def install() -> None:

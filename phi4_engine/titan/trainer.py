@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import sys
 import warnings
@@ -21,6 +22,7 @@ from typing import Any, Callable, Iterator
 import orjson
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 from torch.distributed.tensor import DTensor
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.dataloader import BaseDataLoader
@@ -33,9 +35,9 @@ from torchtitan.tools.logging import logger as titan_logger
 from torchtitan.trainer import Trainer
 
 from phi4_engine import checkpoints
-from phi4_engine.errors import CheckpointError, NonFiniteError
+from phi4_engine.errors import CheckpointError, EngineError, NonFiniteError
 from phi4_engine.rundir import atomic_write
-from phi4_engine.titan import attention, phi4
+from phi4_engine.titan import attention, phi4, safe_metadata
 
 
 class EngineTokenizer(BaseTokenizer):
@@ -219,7 +221,15 @@ class Phi4Trainer(Trainer):
         resume_step = self._committed_resume_step()
         if resume_step == 0 and config.checkpoint.initial_load_path:
             self._verify(config.checkpoint.initial_load_path)
-        self.checkpointer.load(step=resume_step if resume_step else -1)
+        try:
+            self.checkpointer.load(step=resume_step if resume_step else -1)
+        except (Exception, DcpCheckpointException, safe_metadata.ForeignPickle) as exc:
+            cause = _root_cause(exc)
+            if isinstance(cause, safe_metadata.ForeignPickle):
+                raise safe_metadata.as_checkpoint_error(cause) from None
+            if isinstance(cause, EngineError):
+                raise cause from None
+            raise
         if config.checkpoint.initial_load_path:
             # The stage handoff: the ledger proves these are the previous stage's final weights.
             # Hashed when the stage starts; a resumed stage reads what its start recorded.
@@ -241,9 +251,8 @@ class Phi4Trainer(Trainer):
             self._step_losses = []
             self.train_step(data_iterator)
             last = self.step == config.training.steps
-            if self.checkpointer.save(self.step, last_step=last):
-                self.checkpointer.maybe_wait_for_saving()
-                path = os.path.join(self.checkpointer.folder, f"step-{self.step}")
+            path = os.path.join(self.checkpointer.folder, f"step-{self.step}")
+            if self._save(path, last):
                 self._commit(path)
                 if dist.get_rank() == 0:
                     checkpoints.purge(self.checkpointer.folder, self.keep_latest_k)
@@ -251,6 +260,22 @@ class Phi4Trainer(Trainer):
                     self.on_checkpoint(self.step, path)
 
     # -- checkpoint integrity ------------------------------------------------------------------
+
+    def _save(self, path: str, last: bool) -> bool:
+        """torchtitan's save; a failed write (disk full, permissions…) becomes one line naming
+        the folder and the cause. The half-written folder has no manifest, so it never counts."""
+        try:
+            saved = self.checkpointer.save(self.step, last_step=last)
+            self.checkpointer.maybe_wait_for_saving()
+            return saved
+        except (Exception, DcpCheckpointException) as exc:  # DCP's is a BaseException
+            cause = _root_cause(exc)
+            committed = [s for s, p in checkpoints.step_dirs(self.checkpointer.folder).items() if checkpoints.is_committed(p)]
+            resume = f"step-{committed[-1]}" if committed else "the stage's start"
+            raise CheckpointError(
+                f"could not write checkpoint {path}: {type(cause).__name__}: {cause}; nothing was marked "
+                f"complete, a rerun resumes from {resume} once the cause is fixed"
+            ) from exc
 
     def _my_share(self, files: list[str]) -> list[str]:
         """This rank's files to hash: round-robin over the sorted list (all ranks share a disk)."""
@@ -336,7 +361,7 @@ class Phi4Trainer(Trainer):
         mine = {
             "rank": dist.get_rank(),
             "batch": self._batch_digest.hexdigest()[:16],
-            "loss": [float(loss.sum()) for loss in self._step_losses],
+            "loss": [_json_float(float(loss.sum())) for loss in self._step_losses],
             "nonfinite_grads": [n for n, g in named if not bool(g.isfinite().all())][:20],
         }
         ranks: list[Any] = [None] * dist.get_world_size()
@@ -351,6 +376,21 @@ class Phi4Trainer(Trainer):
             f"non-finite loss or gradient at step {self.step} (batch {ranks[0]['batch']}); every rank stopped "
             f"before the optimizer step; details in {path}; a rerun resumes from {resume}"
         )
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The exception behind DCP's wrappers (``CheckpointException`` holds one per rank)."""
+    cause = exc
+    while cause.__cause__ is not None or getattr(cause, "failures", None):
+        failures = getattr(cause, "failures", None)
+        cause = next(iter(failures.values())) if failures else cause.__cause__
+        cause = cause[0] if isinstance(cause, tuple) else cause  # (exception, traceback summary)
+    return cause
+
+
+def _json_float(value: float) -> float | str:
+    """A float JSON can hold: NaN and ±inf as the strings "nan", "inf", "-inf" (not null)."""
+    return value if math.isfinite(value) else str(value)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

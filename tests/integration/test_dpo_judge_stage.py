@@ -33,16 +33,15 @@ class Crash(BaseException):
 
 class CountingSpec(SpecModel):
     kind: Literal["counting"]
-    crash_after: int = -1
 
 
 class CountingJudge(BaseJudge):
     name, version = "counting", "1"
     asked: list[str] = []  # class-level: survives the engine being rebuilt
+    crash_after = -1  # class-level too: the spec must not change between a run and its resume
 
     def __init__(self, spec: CountingSpec) -> None:
         self.inner = RuleJudge(RuleJudgeSpec(kind="rule"))
-        self.crash_after = spec.crash_after
 
     def score(self, prompt, response, *, reference=None) -> Verdict:
         if 0 <= self.crash_after <= len(CountingJudge.asked):
@@ -80,13 +79,12 @@ def _spec(judge: dict, *, pairs: int = 6) -> dict:
 @pytest.fixture(scope="module")
 def judged_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dpo-judge")
-    spec = write_spec(tmp / "spec.json", _spec({"kind": "counting", "crash_after": 5}))
-    CountingJudge.asked = []
+    spec = write_spec(tmp / "spec.json", _spec({"kind": "counting"}))
+    CountingJudge.asked, CountingJudge.crash_after = [], 5
     with pytest.raises(Crash):
         Engine.from_file(spec, run_dir=tmp / "run", plugins=[CountingPlugin()]).run()
     before_crash = list(CountingJudge.asked)
-    # Same run, judge healthy now (only the crash switch differs, in the judge's own spec):
-    spec = write_spec(tmp / "spec.json", _spec({"kind": "counting", "crash_after": -1}))
+    CountingJudge.crash_after = -1  # same run, same spec, the judge healthy now
     result = Engine.from_file(spec, run_dir=tmp / "run", plugins=[CountingPlugin()]).run()
     return result, tmp / "run", before_crash, list(CountingJudge.asked)
 

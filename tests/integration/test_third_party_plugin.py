@@ -3,22 +3,8 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-import pytest
-
-from tests.conftest import REPO, run_cli, tiny_pretrain_spec, write_spec
-
-EXAMPLE = REPO / "examples" / "phi4-engine-example-plugin"
-
-
-@pytest.fixture(scope="module")
-def installed_example():
-    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", str(EXAMPLE)]
-    subprocess.run(pip, check=True, capture_output=True, text=True)
-    yield
-    subprocess.run([sys.executable, "-m", "pip", "uninstall", "--quiet", "--yes", "phi4-engine-example-plugin"], check=True)
+from tests.conftest import run_cli, tiny_pretrain_spec, write_spec
 
 
 def test_entry_point_plugin_is_listed(installed_example):

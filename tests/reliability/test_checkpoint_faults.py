@@ -1,0 +1,199 @@
+"""Faults around checkpoints and training numerics, each injected into a real run:
+
+* a kill while a checkpoint is written (after the shards, before DCP's ``.metadata``; and after
+  it, before the engine's manifest) → the next run quarantines the torn folder, resumes from the
+  last committed checkpoint, earlier checkpoints are byte-identical, the result equals an
+  uninterrupted run;
+* a corrupted checkpoint (flipped byte, truncated, missing or extra file) → named by file from
+  the sha256 manifest before loading; the run refuses, or falls back when the spec says so;
+* a NaN loss or an inf gradient → stops before the optimizer step with exit code 4 and a
+  diagnostic naming step and batch; the last checkpoint resumes;
+* disk full while saving → exit code 5 naming the folder and the cause; nothing marked complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import orjson
+import pytest
+import torch
+
+from phi4_engine import checkpoints
+from phi4_engine.errors import CheckpointError
+from phi4_engine.titan.generate import load_model_weights, save_weights
+from phi4_engine.titan.phi4 import model_spec
+from tests.conftest import tiny_pretrain_spec, write_spec
+from tests.reliability.conftest import ledger, metrics, run_driver, tensorboard_steps
+
+STEPS = 12
+
+
+def _spec(tmp_path: Path, **checkpoint) -> Path:
+    data = tiny_pretrain_spec(steps=STEPS)
+    data["checkpoint"] = {"interval": 2, "keep_latest_k": 0, **checkpoint}
+    return write_spec(tmp_path / "spec.json", data)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The uninterrupted run every faulted run must end equal to."""
+    tmp = tmp_path_factory.mktemp("straight")
+    done = run_driver("run", str(_spec(tmp)), "--run-dir", str(tmp / "run"))
+    assert done.returncode == 0, done.stderr
+    return tmp / "run"
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _assert_same_run(run: Path, straight: Path) -> None:
+    assert ledger(run)["stages"]["pretrain"]["weights_sha256"] == ledger(straight)["stages"]["pretrain"]["weights_sha256"]
+    assert metrics(run / "pretrain") == metrics(straight / "pretrain")
+    assert tensorboard_steps(run / "pretrain") == list(range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize("fault", ["kill-mid-save", "kill-before-commit"])
+def test_kill_while_writing_a_checkpoint(tmp_path, straight, fault):
+    spec, run = _spec(tmp_path), tmp_path / "run"
+    killed = run_driver("run", str(spec), "--run-dir", str(run), PHI4_TEST_FAULT=f"{fault}:6")
+    assert killed.returncode == -9
+    ckpts = run / "pretrain" / "checkpoints"
+    torn = ckpts / "step-6"
+    assert torn.is_dir() and not (torn / "manifest.json").exists()
+    assert (torn / ".metadata").exists() == (fault == "kill-before-commit")
+    before = {s: _tree_digest(ckpts / f"step-{s}") for s in (2, 4)}
+
+    again = run_driver("run", str(spec), "--run-dir", str(run))
+    assert again.returncode == 0, again.stderr
+    assert "checkpoint step-6 was never completed" in again.stderr
+    quarantined = list((run / "pretrain" / "checkpoints-quarantine").iterdir())
+    assert [q.name.split(".")[0] for q in quarantined] == ["step-6"]  # kept for a person to look at
+    assert {s: _tree_digest(ckpts / f"step-{s}") for s in (2, 4)} == before  # earlier ones untouched
+    _assert_same_run(run, straight)
+
+
+@pytest.fixture
+def stopped_at_step_7(tmp_path, straight) -> tuple[Path, Path]:
+    """A run stopped by a NaN at step 7: committed checkpoints up to step-6."""
+    spec, run = _spec(tmp_path), tmp_path / "run"
+    stopped = run_driver("run", str(spec), "--run-dir", str(run), PHI4_TEST_FAULT="nan-loss:7")
+    assert stopped.returncode == 4, stopped.stderr
+    return spec, run
+
+
+def test_nan_loss_stops_before_the_optimizer_step(stopped_at_step_7, straight):
+    spec, run = stopped_at_step_7
+    record = orjson.loads((run / "pretrain" / "nonfinite.json").read_bytes())
+    assert record["step"] == 7 and record["resumes_from"] == "step-6"
+    rank = record["ranks"][0]
+    assert rank["batch"] == metrics(straight / "pretrain")[6]["batch"]  # the batch of step 7, named
+    assert rank["nonfinite_grads"] and rank["loss"] == ["nan"]
+    assert [r["step"] for r in metrics(run / "pretrain")] == list(range(1, 7))
+    assert ledger(run)["stages"]["pretrain"]["status"] == "failed"
+
+    again = run_driver("run", str(spec), "--run-dir", str(run))  # the fault was transient
+    assert again.returncode == 0, again.stderr
+    _assert_same_run(run, straight)
+
+
+def test_inf_gradient_alone_stops_the_run(tmp_path, straight):
+    spec, run = _spec(tmp_path), tmp_path / "run"
+    stopped = run_driver("run", str(spec), "--run-dir", str(run), PHI4_TEST_FAULT="inf-grad:3")
+    assert stopped.returncode == 4
+    assert stopped.stderr.strip().splitlines()[-1].startswith("phi4-engine: error: non-finite loss or gradient at step 3")
+    record = orjson.loads((run / "pretrain" / "nonfinite.json").read_bytes())
+    rank = record["ranks"][0]
+    assert record["step"] == 3 and all(isinstance(v, float) for v in rank["loss"])  # the loss was finite
+    assert len(rank["nonfinite_grads"]) == 1
+    assert record["resumes_from"] == "step-2"
+
+
+def _flip_byte(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+def test_corrupt_checkpoint_refused_then_fallback_on_request(stopped_at_step_7, straight):
+    spec, run = stopped_at_step_7
+    shard = next((run / "pretrain" / "checkpoints" / "step-6").glob("*.distcp"))
+    _flip_byte(shard)
+
+    refused = run_driver("run", str(spec), "--run-dir", str(run))
+    assert refused.returncode == 5
+    message = refused.stderr.strip().splitlines()[-1]
+    assert f"{shard}: sha256" in message and "refusing to resume" in message
+    assert shard.exists()  # nothing moved or deleted without being asked
+
+    fallback = run_driver("run", str(spec), "--run-dir", str(run), "--set", 'checkpoint.on_corrupt="previous"')
+    assert fallback.returncode == 0, fallback.stderr
+    assert "checkpoint step-6 is corrupt" in fallback.stderr
+    assert any(q.name.startswith("step-6.corrupt") for q in (run / "pretrain" / "checkpoints-quarantine").iterdir())
+    _assert_same_run(run, straight)
+    changes = ledger(run)["spec_changes"][-1]["changes"]
+    assert changes == ['checkpoint.on_corrupt: "fail" -> "previous"']  # a safe change, recorded
+
+
+def test_disk_full_while_saving(tmp_path, straight):
+    spec, run = _spec(tmp_path), tmp_path / "run"
+    full = run_driver("run", str(spec), "--run-dir", str(run), PHI4_TEST_FAULT="enospc:6")
+    assert full.returncode == 5, full.stderr
+    message = full.stderr.strip().splitlines()[-1]
+    assert "could not write checkpoint" in message and "step-6" in message and "No space left on device" in message
+    assert "resumes from step-4" in message
+    assert not (run / "pretrain" / "checkpoints" / "step-6" / "manifest.json").exists()
+    again = run_driver("run", str(spec), "--run-dir", str(run))
+    assert again.returncode == 0, again.stderr
+    _assert_same_run(run, straight)
+
+
+# -- the manifest itself, on a small committed checkpoint (no training) -------------------------
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    torch.manual_seed(0)
+    model = model_spec("debug", vocab_size=64, rope_theta=10_000.0, max_seq_len=32).model.build()
+    return save_weights(model.state_dict(), tmp_path / "step-0")
+
+
+def _shard(folder: Path) -> Path:
+    return next(folder.glob("*.distcp"))
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (lambda f: _flip_byte(_shard(f)), "sha256"),
+        (lambda f: _shard(f).write_bytes(_shard(f).read_bytes()[:-7]), "bytes, manifest.json says"),
+        (lambda f: (f / ".metadata").unlink(), ".metadata: missing"),
+        (lambda f: (f / "stray.bin").write_bytes(b"x"), "stray.bin: not listed"),
+        (lambda f: (f / "manifest.json").write_bytes(b"{not json"), "unreadable manifest"),
+    ],
+    ids=["flipped-byte", "truncated", "missing-file", "extra-file", "bad-manifest"],
+)
+def test_damage_is_named_by_file_before_loading(saved, damage, expected):
+    assert checkpoints.problems(saved) == []
+    damage(saved)
+    with pytest.raises(CheckpointError, match=expected):
+        checkpoints.verify(saved)
+    model = model_spec("debug", vocab_size=64, rope_theta=10_000.0, max_seq_len=32).model.build()
+    with pytest.raises(CheckpointError, match=expected):
+        load_model_weights(model, saved)
+
+
+def test_uncommitted_checkpoints_are_not_loaded_or_counted(saved, tmp_path):
+    (saved / "manifest.json").unlink()
+    assert "never committed" in checkpoints.problems(saved)[0]
+    folder = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        save_weights({"w": torch.full((2,), float(step))}, folder / f"step-{step}")
+    (folder / "step-6" / "manifest.json").unlink()  # the newest one is still being written
+    deleted = checkpoints.purge(folder, keep=2)
+    assert [p.name for p in deleted] == []  # two committed ones: both kept, the torn one left alone
+    save_weights({"w": torch.zeros(2)}, folder / "step-8")
+    assert [p.name for p in checkpoints.purge(folder, keep=2)] == ["step-2"]
+    assert sorted(p.name for p in folder.iterdir()) == ["step-4", "step-6", "step-8"]
