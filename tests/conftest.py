@@ -82,11 +82,15 @@ EXAMPLE_PLUGIN = REPO / "examples" / "phi4-engine-example-plugin"
 
 
 @pytest.fixture(scope="session")
-def installed_example():
-    """The example third-party plugin, pip-installed (entry point ``example``, distribution
-    phi4-engine-example-plugin 0.2.0) for the session. Shadowing its module on PYTHONPATH gives
-    tests a plugin that misbehaves under a real distribution name and version."""
-    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", str(EXAMPLE_PLUGIN)]
+def installed_example(tmp_path_factory):
+    """The example third-party plugin (entry point ``example``, distribution
+    phi4-engine-example-plugin 0.2.0), pip-installed into a session folder put on PYTHONPATH
+    for subprocesses only: the test process and the venv never see it. Shadowing its module on
+    PYTHONPATH gives tests a plugin that misbehaves under a real distribution name and version."""
+    target = tmp_path_factory.mktemp("site")
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+           "--target", str(target), str(EXAMPLE_PLUGIN)]  # fmt: skip
     subprocess.run(pip, check=True, capture_output=True, text=True)
-    yield
-    subprocess.run([sys.executable, "-m", "pip", "uninstall", "--quiet", "--yes", "phi4-engine-example-plugin"], check=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")])))
+        yield target

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from tests.conftest import run_cli, tiny_pretrain_spec, write_spec
 
@@ -41,6 +42,6 @@ def test_broken_plugin_is_named_with_distribution_and_version(installed_example,
     # Shadow the plugin module with one that fails at import.
     (tmp_path / "phi4_engine_example").mkdir()
     (tmp_path / "phi4_engine_example" / "__init__.py").write_text("raise ImportError('missing optional dependency frobz')\n")
-    result = run_cli("plugins", env={"PYTHONPATH": str(tmp_path)})
+    result = run_cli("plugins", env={"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ["PYTHONPATH"]])})
     assert result.returncode == 2
     assert "plugin 'example' (phi4-engine-example-plugin 0.2.0) failed to import: ImportError: missing optional dependency frobz" in result.stderr

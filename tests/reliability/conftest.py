@@ -1,23 +1,23 @@
 """Reliability tests: real runs in subprocesses, killed or faulted, then checked file by file.
 
 ``run_driver`` runs ``phi4-engine`` through ``tests/reliability/driver.py`` (test plugins, fault
-injection); ``run_until_killed`` SIGKILLs it once a trigger file appears.
+injection) in a process forked from a fork server; ``run_until_killed`` SIGKILLs it once a
+trigger file appears.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import signal
 import subprocess
-import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import orjson
-
-from tests.conftest import REPO
 
 ARITH = {"kind": "synthetic-arithmetic", "operations": [1, 1], "max_operand": 20}
 CHAT = {**ARITH, "format": "chat"}
@@ -55,44 +55,66 @@ def six_stage_spec() -> dict:
     }  # fmt: skip
 
 
-def driver_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tests.reliability.driver", *args]
+_PRELOAD = ["tests.reliability.driver", "phi4_engine.cli", "phi4_engine.engine", "phi4_engine.titan.trainer",
+            "phi4_engine.titan.dpo", "phi4_engine.titan.rollouts", "tensorboard"]  # fmt: skip
 
 
-def driver_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PHI4_ENGINE_PROGRESS": "0", "OMP_NUM_THREADS": "1", **extra}
+def _fork_server() -> multiprocessing.context.ForkServerContext:
+    """One server process per test session imports torch, torchtitan and the engine once;
+    every driver run is a fork of it: a real, separate process (SIGKILL kills it, it has its
+    own environment and exit status), started in milliseconds."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+class Run:
+    """A driver run in a forked process; ``finish()`` gives a CompletedProcess."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        from tests.reliability.driver import forked_main
+
+        out = tempfile.mkdtemp(prefix="phi4-run-")
+        self.stdout, self.stderr, self.args = os.path.join(out, "stdout"), os.path.join(out, "stderr"), args
+        env = {"PHI4_ENGINE_PROGRESS": "0", "OMP_NUM_THREADS": "1", **env}
+        self.process = _fork_server().Process(target=forked_main, args=(args, env, self.stdout, self.stderr))
+        self.process.start()
+
+    def kill(self) -> None:
+        os.kill(self.process.pid, signal.SIGKILL)
+
+    def finish(self, timeout: float = 600) -> subprocess.CompletedProcess:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            self.kill()
+            self.process.join()
+            raise AssertionError(f"driver run {self.args} did not finish in {timeout}s")
+        read = lambda path: open(path, encoding="utf-8", errors="replace").read() if os.path.exists(path) else ""  # noqa: E731
+        return subprocess.CompletedProcess(self.args, self.process.exitcode, read(self.stdout), read(self.stderr))
 
 
 def run_driver(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(driver_cmd(*args), cwd=REPO, env=driver_env(**env), capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    """``phi4-engine ARGS`` with the test plugins (and ``PHI4_TEST_FAULT``…) in its own process;
+    ``returncode`` is negative for a signal (-9: killed)."""
+    return Run(list(args), env).finish(timeout)
 
 
 def run_until_killed(args: list[str], trigger: Callable[[], bool], *, rng: random.Random, max_delay: float = 0.05,
                      timeout: float = 300) -> str:  # fmt: skip
     """Start the CLI, SIGKILL it once ``trigger()`` holds (plus a random delay up to
-    ``max_delay``); returns where the kill landed: ``"killed"`` or ``"finished"`` (the trigger
-    never held before the run ended — the caller decides whether that is acceptable)."""
-    proc = subprocess.Popen(driver_cmd(*args), cwd=REPO, env=driver_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)  # fmt: skip
+    ``max_delay``); returns ``"killed"``, or ``"finished"`` when the run ended first."""
+    run = Run(args, {})
     deadline = time.time() + timeout
-    try:
-        while not trigger():
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode()
-                assert proc.returncode == 0, err
-                return "finished"
-            assert time.time() < deadline, "trigger never held"
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0, max_delay))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        return "killed" if proc.returncode == -signal.SIGKILL else "finished"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+    while not trigger():
+        if not run.process.is_alive():
+            done = run.finish()
+            assert done.returncode == 0, done.stderr
+            return "finished"
+        assert time.time() < deadline, "trigger never held"
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0, max_delay))
+    run.kill()
+    return "killed" if run.finish().returncode == -signal.SIGKILL else "finished"
 
 
 def metrics(stage_dir: Path) -> list[dict]:

@@ -1,5 +1,7 @@
-"""``python -m tests.reliability.driver <phi4-engine CLI args>``: the real CLI in a subprocess,
-with the test plugins registered and, if ``PHI4_TEST_FAULT`` says so, one fault injected.
+"""``python -m tests.reliability.driver <phi4-engine CLI args>``: the real CLI in its own
+process, with the test plugins registered and, if ``PHI4_TEST_FAULT`` says so, one fault
+injected. Tests start it through a fork server (``conftest.run_driver``) so that each run costs a
+fork, not eight seconds of importing torch and torchtitan.
 
 Faults (``KIND:STEP``, STEP an optimizer step of the stage named by ``PHI4_TEST_FAULT_STAGE``
 when set, else of any stage):
@@ -121,7 +123,7 @@ def _install_fault(kind: str, step: int) -> None:
         raise SystemExit(f"driver: unknown fault {kind!r}")
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     _install_plugins()
     fault = os.environ.get("PHI4_TEST_FAULT")
@@ -130,8 +132,28 @@ def main() -> int:
         _install_fault(kind, int(step))
     from phi4_engine.cli import main as cli_main
 
-    return cli_main(sys.argv[1:])
+    return cli_main(argv)
+
+
+def forked_main(argv: list[str], env: dict[str, str], stdout: str, stderr: str) -> None:
+    """Entry point of a process forked from the test's fork server (modules already imported,
+    no torch thread started): the CLI with this process's own environment and output files."""
+    import traceback
+
+    os.environ.update(env)
+    for fd, path in ((1, stdout), (2, stderr)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(target, fd)
+        os.close(target)
+    try:
+        code = main(argv)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

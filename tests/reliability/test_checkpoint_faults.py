@@ -49,85 +49,68 @@ def _tree_digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _assert_same_run(run: Path, straight: Path) -> None:
-    assert ledger(run)["stages"]["pretrain"]["weights_sha256"] == ledger(straight)["stages"]["pretrain"]["weights_sha256"]
-    assert metrics(run / "pretrain") == metrics(straight / "pretrain")
-    assert tensorboard_steps(run / "pretrain") == list(range(1, STEPS + 1))
-
-
-@pytest.mark.parametrize("fault", ["kill-mid-save", "kill-before-commit"])
-def test_kill_while_writing_a_checkpoint(tmp_path, straight, fault):
-    spec, run = _spec(tmp_path), tmp_path / "run"
-    killed = run_driver("run", str(spec), "--run-dir", str(run), PHI4_TEST_FAULT=f"{fault}:6")
-    assert killed.returncode == -9
-    ckpts = run / "pretrain" / "checkpoints"
-    torn = ckpts / "step-6"
-    assert torn.is_dir() and not (torn / "manifest.json").exists()
-    assert (torn / ".metadata").exists() == (fault == "kill-before-commit")
-    before = {s: _tree_digest(ckpts / f"step-{s}") for s in (2, 4)}
-
-    again = run_driver("run", str(spec), "--run-dir", str(run))
-    assert again.returncode == 0, again.stderr
-    assert "checkpoint step-6 was never completed" in again.stderr
-    quarantined = list((run / "pretrain" / "checkpoints-quarantine").iterdir())
-    assert [q.name.split(".")[0] for q in quarantined] == ["step-6"]  # kept for a person to look at
-    assert {s: _tree_digest(ckpts / f"step-{s}") for s in (2, 4)} == before  # earlier ones untouched
-    _assert_same_run(run, straight)
-
-
-@pytest.fixture
-def stopped_at_step_7(tmp_path, straight) -> tuple[Path, Path]:
-    """A run stopped by a NaN at step 7: committed checkpoints up to step-6."""
-    spec, run = _spec(tmp_path), tmp_path / "run"
-    stopped = run_driver("run", str(spec), "--run-dir", str(run), PHI4_TEST_FAULT="nan-loss:7")
-    assert stopped.returncode == 4, stopped.stderr
-    return spec, run
-
-
-def test_nan_loss_stops_before_the_optimizer_step(stopped_at_step_7, straight):
-    spec, run = stopped_at_step_7
-    record = orjson.loads((run / "pretrain" / "nonfinite.json").read_bytes())
-    assert record["step"] == 7 and record["resumes_from"] == "step-6"
-    rank = record["ranks"][0]
-    assert rank["batch"] == metrics(straight / "pretrain")[6]["batch"]  # the batch of step 7, named
-    assert rank["nonfinite_grads"] and rank["loss"] == ["nan"]
-    assert [r["step"] for r in metrics(run / "pretrain")] == list(range(1, 7))
-    assert ledger(run)["stages"]["pretrain"]["status"] == "failed"
-
-    again = run_driver("run", str(spec), "--run-dir", str(run))  # the fault was transient
-    assert again.returncode == 0, again.stderr
-    _assert_same_run(run, straight)
-
-
-def test_inf_gradient_alone_stops_the_run(tmp_path, straight):
-    spec, run = _spec(tmp_path), tmp_path / "run"
-    stopped = run_driver("run", str(spec), "--run-dir", str(run), PHI4_TEST_FAULT="inf-grad:3")
-    assert stopped.returncode == 4
-    assert stopped.stderr.strip().splitlines()[-1].startswith("phi4-engine: error: non-finite loss or gradient at step 3")
-    record = orjson.loads((run / "pretrain" / "nonfinite.json").read_bytes())
-    rank = record["ranks"][0]
-    assert record["step"] == 3 and all(isinstance(v, float) for v in rank["loss"])  # the loss was finite
-    assert len(rank["nonfinite_grads"]) == 1
-    assert record["resumes_from"] == "step-2"
-
-
 def _flip_byte(file: Path) -> None:
     data = bytearray(file.read_bytes())
     data[len(data) // 2] ^= 0x01
     file.write_bytes(bytes(data))
 
 
-def test_corrupt_checkpoint_refused_then_fallback_on_request(stopped_at_step_7, straight):
-    spec, run = stopped_at_step_7
-    shard = next((run / "pretrain" / "checkpoints" / "step-6").glob("*.distcp"))
-    _flip_byte(shard)
+def _assert_same_run(run: Path, straight: Path) -> None:
+    assert ledger(run)["stages"]["pretrain"]["weights_sha256"] == ledger(straight)["stages"]["pretrain"]["weights_sha256"]
+    assert metrics(run / "pretrain") == metrics(straight / "pretrain")
+    assert tensorboard_steps(run / "pretrain") == list(range(1, STEPS + 1))
 
+
+def test_kills_while_writing_checkpoints(tmp_path, straight):
+    """Killed after step-6's shards (no .metadata), then after step-10's .metadata (no
+    manifest): each time the torn folder is quarantined and the run goes on from the newest
+    committed checkpoint; earlier checkpoints stay byte-identical."""
+    spec, run = _spec(tmp_path), tmp_path / "run"
+    ckpts = run / "pretrain" / "checkpoints"
+    for fault, step, metadata in (("kill-mid-save", 6, False), ("kill-before-commit", 10, True)):
+        killed = run_driver("run", str(spec), "--run-dir", str(run), PHI4_TEST_FAULT=f"{fault}:{step}")
+        assert killed.returncode == -9, killed.stderr
+        torn = ckpts / f"step-{step}"
+        assert torn.is_dir() and not (torn / "manifest.json").exists()
+        assert (torn / ".metadata").exists() == metadata
+        kept = {p.name: _tree_digest(p) for p in ckpts.iterdir() if p != torn}
+        assert kept, "earlier checkpoints exist"
+        first_kept = first_kept if step == 10 else kept
+    assert first_kept.keys() == {"step-2", "step-4"}
+    assert {name: kept[name] for name in first_kept} == first_kept  # untouched by the second run
+
+    again = run_driver("run", str(spec), "--run-dir", str(run))
+    assert again.returncode == 0, again.stderr
+    quarantined = sorted(q.name.split(".")[0] for q in (run / "pretrain" / "checkpoints-quarantine").iterdir())
+    assert quarantined == ["step-10", "step-6"]  # both torn saves kept for a person to look at
+    assert all(_tree_digest(ckpts / name) == digest for name, digest in kept.items())  # untouched
+    _assert_same_run(run, straight)
+
+
+def test_nan_stops_the_run_then_a_corrupt_checkpoint_is_refused_or_skipped(tmp_path, straight):
+    spec, run = _spec(tmp_path), tmp_path / "run"
+    stopped = run_driver("run", str(spec), "--run-dir", str(run), PHI4_TEST_FAULT="nan-loss:7")
+    assert stopped.returncode == 4, stopped.stderr
+    record = orjson.loads((run / "pretrain" / "nonfinite.json").read_bytes())
+    assert record["step"] == 7 and record["resumes_from"] == "step-6"
+    rank = record["ranks"][0]
+    assert rank["batch"] == metrics(straight / "pretrain")[6]["batch"]  # the batch of step 7, named
+    assert rank["nonfinite_grads"] and rank["loss"] == ["nan"]
+    assert [r["step"] for r in metrics(run / "pretrain")] == list(range(1, 7))  # step 7 never applied
+    assert ledger(run)["stages"]["pretrain"]["status"] == "failed"
+    step6 = run / "pretrain" / "checkpoints" / "step-6"
+    assert checkpoints.problems(step6) == []  # the last checkpoint is intact
+
+    # Now that checkpoint goes bad on disk: the run refuses to resume from it...
+    shard = next(step6.glob("*.distcp"))
+    _flip_byte(shard)
     refused = run_driver("run", str(spec), "--run-dir", str(run))
     assert refused.returncode == 5
     message = refused.stderr.strip().splitlines()[-1]
     assert f"{shard}: sha256" in message and "refusing to resume" in message
     assert shard.exists()  # nothing moved or deleted without being asked
 
+    # ...unless the spec asks to fall back: then it resumes from step-4 and ends as if nothing happened.
     fallback = run_driver("run", str(spec), "--run-dir", str(run), "--set", 'checkpoint.on_corrupt="previous"')
     assert fallback.returncode == 0, fallback.stderr
     assert "checkpoint step-6 is corrupt" in fallback.stderr
@@ -137,7 +120,7 @@ def test_corrupt_checkpoint_refused_then_fallback_on_request(stopped_at_step_7, 
     assert changes == ['checkpoint.on_corrupt: "fail" -> "previous"']  # a safe change, recorded
 
 
-def test_disk_full_while_saving(tmp_path, straight):
+def test_disk_full_then_an_inf_gradient(tmp_path, straight):
     spec, run = _spec(tmp_path), tmp_path / "run"
     full = run_driver("run", str(spec), "--run-dir", str(run), PHI4_TEST_FAULT="enospc:6")
     assert full.returncode == 5, full.stderr
@@ -145,6 +128,15 @@ def test_disk_full_while_saving(tmp_path, straight):
     assert "could not write checkpoint" in message and "step-6" in message and "No space left on device" in message
     assert "resumes from step-4" in message
     assert not (run / "pretrain" / "checkpoints" / "step-6" / "manifest.json").exists()
+
+    stopped = run_driver("run", str(spec), "--run-dir", str(run), PHI4_TEST_FAULT="inf-grad:9")
+    assert stopped.returncode == 4
+    assert stopped.stderr.strip().splitlines()[-1].startswith("phi4-engine: error: non-finite loss or gradient at step 9")
+    record = orjson.loads((run / "pretrain" / "nonfinite.json").read_bytes())
+    rank = record["ranks"][0]
+    assert all(isinstance(v, float) for v in rank["loss"])  # the loss was finite: the gradient alone
+    assert len(rank["nonfinite_grads"]) == 1 and record["resumes_from"] == "step-8"
+
     again = run_driver("run", str(spec), "--run-dir", str(run))
     assert again.returncode == 0, again.stderr
     _assert_same_run(run, straight)

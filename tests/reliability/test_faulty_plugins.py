@@ -1,10 +1,12 @@
 """A third-party plugin that raises in a hook, returns the wrong type or lacks what its category
 needs → one line naming the plugin, its distribution and version (exit 2); the run dir stays
-resumable. The faulty plugin is the installed example plugin's module shadowed on PYTHONPATH, so
-it carries a real distribution name and version."""
+resumable. Through the CLI the faulty plugin is the installed example plugin's module shadowed on
+PYTHONPATH, so it carries a real distribution name and version; in-process cases pass plugin
+objects (named ``(object -)``)."""
 
 from __future__ import annotations
 
+import os
 import textwrap
 from typing import Literal
 
@@ -12,6 +14,7 @@ import pytest
 
 from phi4_engine import hookimpl
 from phi4_engine.choices import Layout
+from phi4_engine.data.source import DataSourceSpec, Document
 from phi4_engine.engine import Engine
 from phi4_engine.errors import PluginError
 from phi4_engine.spec.base import SpecModel
@@ -19,28 +22,21 @@ from tests.conftest import run_cli, tiny_pretrain_spec, write_spec
 from tests.reliability.conftest import ledger, metrics
 
 PLUGIN = "plugin 'example' (phi4-engine-example-plugin 0.2.0)"
-HEADER = '''
-from typing import Literal
-from phi4_engine import hookimpl
-from phi4_engine.data.source import DataSourceSpec, Document
-
-class CountingSpec(DataSourceSpec):
-    kind: Literal["example-counting"]
-'''
+HEADER = "from phi4_engine import hookimpl\n"
 
 
 def _shadow(tmp_path, body: str) -> dict[str, str]:
     package = tmp_path / "shadow" / "phi4_engine_example"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text(HEADER + textwrap.dedent(body))
-    return {"PYTHONPATH": str(tmp_path / "shadow")}
+    return {"PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), os.environ["PYTHONPATH"]])}
 
 
-def _spec(tmp_path, with_source: bool) -> str:
+def _spec(tmp_path, source: str | None = None) -> str:
     data = tiny_pretrain_spec(steps=6)
     data["checkpoint"] = {"interval": 2, "keep_latest_k": 2}
-    if with_source:
-        data["stages"][0]["data"]["sources"].append({"kind": "example-counting", "name": "counting", "weight": 0.2})
+    if source:
+        data["stages"][0]["data"]["sources"].append({"kind": source, "name": "counting", "weight": 0.2})
     return str(write_spec(tmp_path / "spec.json", data))
 
 
@@ -58,7 +54,7 @@ def test_raising_in_a_lifecycle_hook_then_resume(installed_example, tmp_path):
             if step == 3:
                 raise RuntimeError("dashboard unreachable")
     """)
-    spec, run = _spec(tmp_path, with_source=False), tmp_path / "run"
+    spec, run = _spec(tmp_path), tmp_path / "run"
     line = _one_line_error(run_cli("run", spec, "--run-dir", str(run), env=env))
     assert line == f"phi4-engine: error: {PLUGIN} failed in phi4_step_end: RuntimeError: dashboard unreachable"
     assert ledger(run)["stages"]["pretrain"]["status"] == "failed"
@@ -68,63 +64,69 @@ def test_raising_in_a_lifecycle_hook_then_resume(installed_example, tmp_path):
     assert [r["step"] for r in metrics(run / "pretrain")] == list(range(1, 7))
 
 
+class CountingSpec(DataSourceSpec):
+    kind: Literal["faulty-counting"]
+
+
+class DictSource:
+    name = "counting"
+
+    def __init__(self, spec, ctx) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return 10
+
+    def documents(self, start: int = 0):
+        yield {"text": "a dict, not a Document"}
+
+
+class RaisingSource(DictSource):
+    def documents(self, start: int = 0):
+        yield Document(id="0", text="fine")
+        raise KeyError("row 2")
+
+
+class NoDocuments:
+    def __init__(self, spec, ctx) -> None:
+        pass
+
+
+class LooseSpec(SpecModel):
+    kind: str = "faulty-counting"
+
+
+def _source_plugin(spec_model, factory):
+    class Faulty:
+        __name__ = "faulty"
+
+        @hookimpl
+        def phi4_register_data_sources(self, register):
+            register("faulty-counting", spec_model, factory)
+
+    return Faulty()
+
+
 @pytest.mark.parametrize(
-    "body, expected",
+    "spec_model, factory, expected",
     [
-        ("""
-         class Source:
-             name = "counting"
-             def __init__(self, spec, ctx): pass
-             def __len__(self): return 10
-             def documents(self, start=0):
-                 yield {"text": "a dict, not a Document"}
-
-         @hookimpl
-         def phi4_register_data_sources(register):
-             register("example-counting", CountingSpec, Source)
-         """, "data source 'counting' yielded a dict; documents() must yield phi4_engine.data.source.Document"),
-        ("""
-         class Source:
-             def __init__(self, spec, ctx): pass
-
-         @hookimpl
-         def phi4_register_data_sources(register):
-             register("example-counting", CountingSpec, Source)
-         """, "built data_source 'example-counting' as a Source, which lacks documents"),
-        ("""
-         class Source:
-             name = "counting"
-             def __init__(self, spec, ctx): pass
-             def __len__(self): return 10
-             def documents(self, start=0):
-                 yield Document(id="0", text="fine")
-                 raise KeyError("row 2")
-
-         @hookimpl
-         def phi4_register_data_sources(register):
-             register("example-counting", CountingSpec, Source)
-         """, "data source 'counting' failed: KeyError: 'row 2'"),
-        ("""
-         from phi4_engine.spec.base import SpecModel
-         class LooseSpec(SpecModel):
-             kind: str = "example-counting"
-
-         @hookimpl
-         def phi4_register_data_sources(register):
-             register("example-counting", LooseSpec, lambda spec, ctx: None)
-         """, "registered data_source 'example-counting' with spec model 'LooseSpec', which needs a field kind: "
-              "Literal['example-counting']"),
+        (CountingSpec, DictSource, "data source 'counting' yielded a dict; documents() must yield phi4_engine.data.source.Document"),
+        (CountingSpec, NoDocuments, "built data_source 'faulty-counting' as a NoDocuments, which lacks documents"),
+        (CountingSpec, RaisingSource, "data source 'counting' failed: KeyError: 'row 2'"),
+        (LooseSpec, DictSource, "registered data_source 'faulty-counting' with spec model 'LooseSpec', which needs a "
+                                "field kind: Literal['faulty-counting']"),
     ],
     ids=["wrong-type", "missing-method", "raises-while-reading", "bad-spec-model"],
 )
-def test_misbehaving_source_is_named_in_one_line(installed_example, tmp_path, body, expected):
-    spec, run = _spec(tmp_path, with_source=True), tmp_path / "run"
-    line = _one_line_error(run_cli("run", spec, "--run-dir", str(run), env=_shadow(tmp_path, body)))
-    assert line.startswith(f"phi4-engine: error: {PLUGIN}") and expected in line, line
+def test_misbehaving_source_is_named(tmp_path, spec_model, factory, expected):
+    spec = _spec(tmp_path, "faulty-counting")
+    with pytest.raises(PluginError) as info:
+        Engine.from_file(spec, run_dir=tmp_path / "run", plugins=[_source_plugin(spec_model, factory)]).run()
+    assert str(info.value).startswith("plugin 'faulty' (object -)") and expected in str(info.value)
 
 
 def test_missing_plugin_is_named(installed_example, tmp_path):
-    spec = _spec(tmp_path, with_source=True)
+    spec = _spec(tmp_path, "example-counting")
     line = _one_line_error(run_cli("run", spec, "--run-dir", str(tmp_path / "run"), env={"PHI4_ENGINE_LOAD_PLUGINS": ""}))
     assert "unknown kind 'example-counting'" in line
 
