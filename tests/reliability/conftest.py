@@ -59,7 +59,7 @@ _PRELOAD = ["tests.reliability.driver", "phi4_engine.cli", "phi4_engine.engine",
             "phi4_engine.titan.dpo", "phi4_engine.titan.rollouts", "tensorboard"]  # fmt: skip
 
 
-def _fork_server() -> multiprocessing.context.ForkServerContext:
+def fork_server() -> multiprocessing.context.ForkServerContext:
     """One server process per test session imports torch, torchtitan and the engine once;
     every driver run is a fork of it: a real, separate process (SIGKILL kills it, it has its
     own environment and exit status), started in milliseconds."""
@@ -77,7 +77,7 @@ class Run:
         out = tempfile.mkdtemp(prefix="phi4-run-")
         self.stdout, self.stderr, self.args = os.path.join(out, "stdout"), os.path.join(out, "stderr"), args
         env = {"PHI4_ENGINE_PROGRESS": "0", "OMP_NUM_THREADS": "1", **env}
-        self.process = _fork_server().Process(target=forked_main, args=(args, env, self.stdout, self.stderr))
+        self.process = fork_server().Process(target=forked_main, args=(args, env, self.stdout, self.stderr))
         self.process.start()
 
     def kill(self) -> None:

@@ -157,3 +157,37 @@ def forked_main(argv: list[str], env: dict[str, str], stdout: str, stderr: str) 
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def nonfinite_rank(rank: int, init_file: str, folder: str, result: str) -> None:
+    """One of two gloo ranks running the trainer's non-finite guard on a small model where only
+    rank 1's gradient is inf; writes what it raised to ``result``."""
+    import hashlib
+    import types
+
+    import torch.distributed as dist
+
+    from phi4_engine.errors import NonFiniteError
+    from phi4_engine.titan.trainer import Phi4Trainer
+
+    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=2)
+    model = torch.nn.Linear(4, 2)
+    model(torch.ones(1, 4)).sum().backward()
+    if rank == 1:
+        model.weight.grad[0, 0] = float("inf")
+    trainer = types.SimpleNamespace(
+        model_parts=[model], _step_losses=[torch.tensor(0.5)], device=torch.device("cpu"), step=5,
+        _batch_digest=hashlib.sha256(f"rank{rank}".encode()), checkpointer=types.SimpleNamespace(folder=folder),
+        config=types.SimpleNamespace(dump_folder=folder),
+    )  # fmt: skip
+    trainer._report_nonfinite = types.MethodType(Phi4Trainer._report_nonfinite, trainer)
+    try:
+        Phi4Trainer._stop_if_nonfinite(trainer)
+        outcome = "stepped"
+    except NonFiniteError as exc:
+        outcome = f"stopped: {exc}"
+    with open(result, "w") as f:
+        f.write(outcome)
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)

@@ -189,3 +189,21 @@ def test_uncommitted_checkpoints_are_not_loaded_or_counted(saved, tmp_path):
     save_weights({"w": torch.zeros(2)}, folder / "step-8")
     assert [p.name for p in checkpoints.purge(folder, keep=2)] == ["step-2"]
     assert sorted(p.name for p in folder.iterdir()) == ["step-4", "step-6", "step-8"]
+
+
+def test_an_inf_gradient_on_one_rank_stops_every_rank(tmp_path):
+    from tests.reliability.conftest import fork_server
+    from tests.reliability.driver import nonfinite_rank
+
+    ctx = fork_server()
+    procs = [ctx.Process(target=nonfinite_rank, args=(rank, str(tmp_path / "init"), str(tmp_path), str(tmp_path / f"rank{rank}")))
+             for rank in range(2)]  # fmt: skip
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+        assert proc.exitcode == 0
+    outcomes = [(tmp_path / f"rank{rank}").read_text() for rank in range(2)]
+    assert all(o.startswith("stopped: non-finite loss or gradient at step 5") for o in outcomes), outcomes
+    record = orjson.loads((tmp_path / "nonfinite.json").read_bytes())
+    assert [r["nonfinite_grads"] for r in record["ranks"]] == [[], ["weight"]]  # rank 1 named, by rank
