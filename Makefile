@@ -21,8 +21,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/phi4-engine run specs/tiny.json --run-dir runs/demo
 
+# Two workers: the tiny pipeline (~11 min) in one, every other test in the other (tests/conftest.py).
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: setup
 	$(PY) bench/step_overhead.py

@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V", help="override a spec field, e.g. stages.pretrain.steps=50")
     run.add_argument("--stages", help="comma-separated stage names to run")
     run.add_argument("--nproc", type=int, default=1, help="processes on this node (launched through torchrun)")
+    run.add_argument("--reshard", action="store_true",
+                     help="let an unfinished stage continue under a different --nproc (recorded in the ledger)")
 
     validate = sub.add_parser("validate", help="check a spec against the installed plugins")
     validate.add_argument("spec")
@@ -184,13 +186,49 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch(nproc: int, argv: list[str]) -> int:
+    """Run this same command in ``nproc`` processes on this node through torchrun's launcher
+    (torch.distributed.run: rendezvous, per-rank environment, failure handling). Returns rank
+    0's exit code, so errors keep their meaning (the ranks print nothing but rank 0)."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # The launcher logs each failed worker at ERROR; rank 0 has already said why in one line.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"phi4-{os.getpid()}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)  # fmt: skip
+    try:
+        elastic_launch(config, sys.executable)("-m", "phi4_engine.cli", *argv)
+    except ChildFailedError as exc:
+        # A rank that failed on its own exits > 0; the others were then stopped by a signal (< 0).
+        codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
+        own = [codes[r] for r in sorted(codes, key=lambda r: r != 0) if codes[r] > 0]
+        return own[0] if own else 1
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    if args.nproc != 1:
-        raise EngineError("--nproc > 1 (torchrun launch) is not available in this version yet")
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1:
+        argv, skip = [], False
+        for arg in args.argv:  # the same command without --nproc
+            if skip or arg.startswith("--nproc="):
+                skip = False
+                continue
+            if arg == "--nproc":
+                skip = True
+                continue
+            argv.append(arg)
+        return _launch(args.nproc, argv)
     engine = _engine(args.spec, args.overrides, args.run_dir)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
-    result = engine.run(stages)
-    _print_summary(result)
+    result = engine.run(stages, reshard=args.reshard)
+    if os.environ.get("RANK", "0") == "0":
+        _print_summary(result)
     return 0
 
 
@@ -240,13 +278,16 @@ COMMANDS = {"eval": _cmd_eval, "plan": _cmd_plan, "pts": _cmd_pts, "report": _cm
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(argv) if argv is not None else sys.argv[1:]
     args = _parser().parse_args(argv)
+    args.argv = argv
     try:
         return COMMANDS[args.command](args)
     except EngineError as exc:
         if os.environ.get("PHI4_ENGINE_DEBUG") == "1":
             raise
-        print(f"phi4-engine: error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: one message, from rank 0
+            print(f"phi4-engine: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("phi4-engine: interrupted", file=sys.stderr)

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping
 
 import orjson
 
+from phi4_engine import ranks
 from phi4_engine.data.source import SourceContext
 from phi4_engine.errors import EngineError, SpecError, UsageError
 from phi4_engine.evaluation import EvalContext, Evaluator, WeightsRef, load_weights, log_to_tensorboard
@@ -148,8 +149,18 @@ class Engine:
 
     # -- running ----------------------------------------------------------------------------
 
-    def run(self, stages: Iterable[str] | None = None) -> RunResult:
-        """Run every stage not finished yet (or only ``stages``), in spec order."""
+    def run(self, stages: Iterable[str] | None = None, *, reshard: bool = False) -> RunResult:
+        """Run every stage not finished yet (or only ``stages``), in spec order.
+
+        ``reshard`` lets an unfinished stage continue under a different number of processes
+        (its checkpoint is resharded; the global batches stay the same; recorded in the ledger).
+
+        Under torchrun every rank calls this: all train, rank 0 alone writes the run directory
+        and runs evaluations (:mod:`phi4_engine.ranks`)."""
+        with ranks.launched_group():
+            return self._run(stages, reshard)
+
+    def _run(self, stages: Iterable[str] | None, reshard: bool) -> RunResult:
         spec = self.validate()
         selected = list(stages) if stages is not None else None
         names = [s.name for s in spec.stages]  # type: ignore[attr-defined]
@@ -159,6 +170,7 @@ class Engine:
 
         resolved = self.resolved_spec()
         sha = sha256_of(resolved)
+        self._check_hardware(spec)
         rundir = self.run_dir
         ledger = rundir.read_ledger()
         started = {
@@ -166,7 +178,8 @@ class Engine:
             if entry.get("status") in ("running", "failed", "done") and rundir.stage_dir(name).is_dir()
         }  # fmt: skip
         changes = rundir.check_resume(resolved, self.origin, started)
-        if changes:
+        ranks.barrier()  # every rank has read the run dir as it was before rank 0 writes to it
+        if changes and ranks.is_main():
             ledger.setdefault("spec_changes", []).append({"time": now(), "changes": changes})
             print(f"phi4-engine: spec changed since this run dir's last run (allowed; recorded in ledger.json): "
                   f"{'; '.join(changes)}", file=sys.stderr)  # fmt: skip
@@ -179,7 +192,7 @@ class Engine:
         ledger.setdefault("stages", {})
         rundir.write_ledger(ledger)
 
-        self.host.notify("phi4_run_start", run_dir=str(rundir.path), spec=resolved)
+        self._notify("phi4_run_start", run_dir=str(rundir.path), spec=resolved)
         result = RunResult(run_dir=str(rundir.path), spec_sha256=sha)
         tokenizer = self.registry.build("tokenizer", spec.tokenizer)
         previous: dict[str, Any] = {}
@@ -201,7 +214,7 @@ class Engine:
                     # Built on weights that no longer exist: keep its folder (nothing is deleted)
                     # but out of the way, so the stage starts fresh instead of resuming.
                     stale = rundir.stage_dir(name)
-                    if stale.exists():
+                    if stale.exists() and ranks.is_main():
                         stale.rename(stale.with_name(f"{name}.invalidated-{int(now())}"))
                     ledger["stages"][name] = {"status": "invalidated", "kind": kind}
                 if selected is not None and name not in selected:
@@ -212,14 +225,21 @@ class Engine:
                         )
                     continue
                 current = name
-                summary = self._run_one(rundir, ledger, stage_spec, tokenizer, previous)
+                summary = self._run_one(rundir, ledger, stage_spec, tokenizer, previous, reshard)
                 previous = summary
                 result.stages[name] = StageResult(name, kind, "done", summary)
                 invalidated = invalidated or entry.get("status") == "done"
         except BaseException as exc:
-            self.host.notify("phi4_run_error", run_dir=str(rundir.path), stage=current, error=exc)
+            self._notify("phi4_run_error", run_dir=str(rundir.path), stage=current, error=exc)
             raise
         return result
+
+    def _check_hardware(self, spec: RunSpec) -> None:
+        """What the parallelism section asks for must exist here (float8 needs torchao and an
+        SM89+ GPU or emulation): refused before anything is written or trained."""
+        from phi4_engine.titan.layouts import check
+
+        check(self.registry.build("parallelism", spec.parallelism))
 
     def run_stage(self, name: str) -> StageResult:
         """Run one stage (the ones before it must be finished in this run dir)."""
@@ -329,7 +349,8 @@ class Engine:
         return {"final_checkpoint": str(folder / "checkpoint"), "weights_sha256": facts["weights_sha256"],
                 "model": {"flavor": facts["flavor"], "rope_theta": facts["rope_theta"]}}
 
-    def _run_one(self, rundir: RunDir, ledger: dict[str, Any], stage_spec: Any, tokenizer: Any, previous: dict[str, Any]) -> dict[str, Any]:
+    def _run_one(self, rundir: RunDir, ledger: dict[str, Any], stage_spec: Any, tokenizer: Any, previous: dict[str, Any],
+                 reshard: bool = False) -> dict[str, Any]:  # fmt: skip
         name, kind = stage_spec.name, stage_spec.kind
         stage_dir = rundir.stage_dir(name)
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -338,17 +359,22 @@ class Engine:
         init = previous.get("final_checkpoint")
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         before = ledger["stages"].get(name, {})
+        reshards = list(before.get("reshards", []))
         if before.get("status") in ("running", "failed") and before.get("world_size", world_size) != world_size:
-            # The data order and the optimizer shards belong to the data-parallel layout: a
-            # different world size cannot continue this stage exactly.
-            raise SpecError(
-                f"{self.origin}: stage {name!r} was started with {before['world_size']} processes and is being "
-                f"resumed with {world_size}; identity fields changed: world_size: {before['world_size']} -> "
-                f"{world_size} (resume with --nproc {before['world_size']}, or delete {stage_dir} to redo the stage)"
-            )
+            # Continuing under another layout reorders floating-point reductions: not the same
+            # run bit for bit, so it takes an explicit --reshard (and is recorded).
+            if not reshard:
+                raise SpecError(
+                    f"{self.origin}: stage {name!r} was started with {before['world_size']} processes and is being "
+                    f"resumed with {world_size}; identity fields changed: world_size: {before['world_size']} -> "
+                    f"{world_size} (resume with --nproc {before['world_size']}, pass --reshard to continue "
+                    f"with {world_size}, or delete {stage_dir} to redo the stage)"
+                )
+            reshards.append({"from": before["world_size"], "to": world_size, "time": now()})
         ledger["stages"][name] = {
             **ledger["stages"].get(name, {}),
             "world_size": world_size,
+            **({"reshards": reshards} if reshards else {}),
             "status": "running",
             "kind": kind,
             "started": now(),
@@ -363,29 +389,42 @@ class Engine:
             registry=self.registry,
             tokenizer=tokenizer,
             init_checkpoint=init,
-            notify=self.host.notify,
+            notify=self._notify,
             init_weights=self._weights(previous) if init else None,
             init_weights_sha256=previous.get("weights_sha256"),
             extra={"spec_dir": self.base_dir},
         )
         runner = self.registry.build("stage", stage_spec, ctx)
+        if ranks.world_size() > 1 and not getattr(runner, "distributed", False):
+            raise EngineError(
+                f"stage {name!r} ({kind}) runs in one process only in this version; run it without --nproc "
+                f"(the stages before it can use several: --stages)"
+            )
         evaluator = Evaluator(stage_spec, self._eval_context(tokenizer), str(stage_dir))
+        evaluate = bool(evaluator) and ranks.is_main()  # rank 0 evaluates, the others wait
         try:
-            if evaluator and init:
+            if evaluate and init:
                 evaluator.run("before", self._weights(previous))
+            ranks.barrier()
             summary = runner.run()
-            if evaluator:
+            if evaluate:
                 evaluator.run("after", self._weights(summary))
                 summary["eval"] = evaluator.results()
                 log_to_tensorboard(str(stage_dir), summary["eval"], summary.get("steps", 0))
+            ranks.barrier()
         except BaseException:
             ledger["stages"][name].update(status="failed", finished=now())
             rundir.write_ledger(ledger)
             raise
         ledger["stages"][name].update(status="done", finished=now(), **summary)
         rundir.write_ledger(ledger)
-        self.host.notify("phi4_stage_end", run_dir=str(rundir.path), stage=name, stage_dir=str(stage_dir), summary=summary)
+        self._notify("phi4_stage_end", run_dir=str(rundir.path), stage=name, stage_dir=str(stage_dir), summary=summary)
         return ledger["stages"][name]
+
+    def _notify(self, hook_name: str, **kwargs: Any) -> None:
+        """Lifecycle hooks run on rank 0 only (one set of logs per run)."""
+        if ranks.is_main():
+            self.host.notify(hook_name, **kwargs)
 
     def _eval_context(self, tokenizer: Any) -> EvalContext:
         spec = self.validate()

@@ -257,7 +257,7 @@ def train_on_pairs(ctx: StageContext, spec: DpoTraining, records: Sequence[dict[
         batch_size=spec.micro_batch_size or spec.batch_size, global_batch_size=spec.batch_size,
         lr=spec.lr, weight_decay=spec.weight_decay, betas=tuple(spec.betas), max_norm=spec.max_norm,
         warmup_steps=schedule.warmup_steps, decay_type=schedule.decay_type, min_lr_factor=schedule.min_lr_factor,
-        dp_shard=layout.dp_shard, tp=layout.tp, seed=ctx.spec.seed,
+        layout=layout, seed=ctx.spec.seed,
         make_loader=pairs_loader(pairs, pad_id=ctx.tokenizer.pad_id, ref_logps=ref, seed=ctx.spec.seed),
         loss=loss.kind, beta=loss.beta, reference=spec.reference, init_weights_from=ctx.init_checkpoint,
         checkpoint_interval=ctx.spec.checkpoint.interval, keep_latest_k=ctx.spec.checkpoint.keep_latest_k,

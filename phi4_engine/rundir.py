@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from phi4_engine import ranks
 from phi4_engine.errors import DataError, SpecError
 
 
@@ -117,6 +118,8 @@ class RunDir:
         return orjson.loads(self.ledger_path.read_bytes())
 
     def write_ledger(self, ledger: dict[str, Any]) -> None:
+        if not ranks.is_main():
+            return  # under torchrun rank 0 keeps the books
         atomic_write(self.ledger_path, orjson.dumps(ledger, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
 
     def check_resume(self, spec: dict[str, Any], origin: str, started: set[str]) -> list[str]:
@@ -155,6 +158,8 @@ class RunDir:
         return safe
 
     def write_spec(self, spec: dict[str, Any], canonical: bytes, sha256: str) -> None:
+        if not ranks.is_main():
+            return
         atomic_write(self.path / "spec.json", canonical)
         atomic_write(self.path / "spec.json.sha256", f"{sha256}  spec.json\n".encode())
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Callable
 import orjson
 from pydantic import AfterValidator, Field, ValidationInfo, model_validator
 
+from phi4_engine import ranks
 from phi4_engine.data.source import SourceContext
 from phi4_engine.rundir import atomic_write
 from phi4_engine.spec.base import DataSourceRef, LossRef, SchedulerRef, SpecModel, resolve_path
@@ -203,7 +204,8 @@ def write_model_config(ctx: StageContext, *, flavor: str, rope_theta: float, seq
         "tokenizer_fingerprint": ctx.tokenizer.fingerprint,
     }
     os.makedirs(ctx.stage_dir, exist_ok=True)
-    atomic_write(Path(ctx.stage_dir) / "model.json", orjson.dumps(model_config, option=orjson.OPT_INDENT_2))
+    if ranks.is_main():
+        atomic_write(Path(ctx.stage_dir) / "model.json", orjson.dumps(model_config, option=orjson.OPT_INDENT_2))
     return model_config
 
 
@@ -240,8 +242,7 @@ def run_lm_stage(
         warmup_steps=schedule.warmup_steps,
         decay_type=schedule.decay_type,
         min_lr_factor=schedule.min_lr_factor,
-        dp_shard=layout.dp_shard,
-        tp=layout.tp,
+        layout=layout,
         make_loader=make_loader,
         tokenizer=ctx.tokenizer,
         seed=run_spec.seed,
@@ -272,6 +273,7 @@ class LMStage:
     """
 
     chat = False
+    distributed = True  # runs under torchrun: every rank trains its share of each batch
 
     def __init__(self, spec: LMStageSpec, ctx: StageContext) -> None:
         self.spec = spec
@@ -302,5 +304,6 @@ class LMStage:
             loader = self.loaders[-1]
             summary["data"] = loader.stats()
             summary["data_reports"] = loader.reports()
-            print(f"\n{self.ctx.stage_name}: data drawn per source\n{loader.table()}\n", file=sys.stderr)
+            if ranks.is_main():
+                print(f"\n{self.ctx.stage_name}: data drawn per source\n{loader.table()}\n", file=sys.stderr)
         return summary

@@ -14,6 +14,25 @@ REPO = Path(__file__).resolve().parents[1]
 SPECS = REPO / "specs"
 
 
+# CI runs the suite in two pytest-xdist workers, one file at a time each (``make test``: ``-n 2
+# --dist loadfile``): the tiny pipeline (one module, ~11 minutes, both cores when alone) starts
+# first in one worker while the other takes everything else. Tests then run on one intra-op thread each, so the two workers do not fight over the two
+# cores; the pipeline module raises its own thread count back (its fixture).
+PIPELINE_MODULE = "tests/integration/test_tiny_pipeline.py"
+
+
+def pytest_collection_modifyitems(config, items):
+    # --dist loadfile hands out whole files in collection order: the longest one goes first.
+    items.sort(key=lambda item: item.nodeid.split("::")[0] != PIPELINE_MODULE)  # stable sort
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_progress(monkeypatch):
     monkeypatch.setenv("PHI4_ENGINE_PROGRESS", "0")

@@ -17,7 +17,8 @@ ranks together consume each sample exactly once.
 
 **State.** :meth:`MixtureLoader.state_dict` holds only ints and lists of ints (it is
 saved inside a DCP checkpoint): per source position/epoch/tokens/documents, the leftover
-tokens and the sample counter. Loading it continues with exactly the next sample.
+tokens and the sample counter. Loading it continues with exactly the next sample — also under
+another data-parallel degree (the state is the same on every rank).
 """
 
 from __future__ import annotations
@@ -283,11 +284,9 @@ class MixtureLoader:
             raise DataError(
                 f"data loader state has {int(state['num_sources'])} sources, this mixture has {len(self._cursors)}"
             )
-        if int(state["dp_world_size"]) != self.dp_world_size:
-            raise DataError(
-                f"data loader state was saved with dp_world_size {int(state['dp_world_size'])}, "
-                f"resuming with {self.dp_world_size}: the data-parallel degree must not change at resume"
-            )
+        # The state is global (every rank holds the same one), so a different data-parallel
+        # degree continues the same global sample sequence: each global batch is the same set
+        # of samples, only split differently (``state["dp_world_size"]`` is informational).
         for i, cur in enumerate(self._cursors):
             cur.position = int(state["positions"][i])
             cur.epoch = int(state["epochs"][i])

@@ -9,6 +9,7 @@ shim can be deleted). ``install()`` must run before any other torchtitan module 
 
 from __future__ import annotations
 
+import logging
 import sys
 import types
 from typing import Any
@@ -93,11 +94,30 @@ def _set_timeout(timeout: Any, group: Any = None) -> None:
     distributed_c10d._set_pg_timeout(timeout, group)
 
 
+def needs_quiet_torchao() -> bool:
+    """torchao wheels carry CUDA kernels (``_C_cutlass_90a``, ``_C_mxfp8``) that cannot load
+    under a CPU build of torch; torchao then logs one warning per file at import, in every
+    process of every run. The float8 path torchtitan uses is pure Python and works without them."""
+    return not torch.cuda.is_available()
+
+
+class _DropTorchaoEnumNotice(logging.Filter):
+    """torchao 0.18 registers its Enums as pytree constants, which torch >= 2.13 logs as
+    deprecated (``torch/utils/_pytree.py`` ``register_constant``) once per Enum, at import, in
+    every process. Only that notice is dropped; other pytree warnings pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is an Enum subclass and is now natively supported" not in record.getMessage()
+
+
 def install() -> None:
     """Apply every shim this torch/host needs. Idempotent."""
     global _installed
     if _installed:
         return
+    if needs_quiet_torchao():
+        logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").addFilter(_DropTorchaoEnumNotice())
     if needs_set_timeout_alias():
         dist.set_timeout = _set_timeout  # type: ignore[attr-defined]
     if needs_cpu_device_shim():

@@ -155,8 +155,10 @@ def model_spec(
     max_seq_len: int,
     attention: str = "sdpa",
     shape: Phi4Shape | None = None,
+    converters: list | None = None,
 ) -> ModelSpec:
-    """A torchtitan ModelSpec for a Phi-4 flavor (or an explicit ``shape``)."""
+    """A torchtitan ModelSpec for a Phi-4 flavor (or an explicit ``shape``); ``converters``
+    (torchtitan ``ModelConfigConverter.Config``, e.g. float8) rewrite the model config."""
     if shape is None:
         if flavor not in FLAVORS:
             raise ValueError(f"unknown Phi-4 flavor {flavor!r}; known: {', '.join(FLAVORS)}")
@@ -168,6 +170,8 @@ def model_spec(
         max_seq_len=max_seq_len,
         attention=attention,
     )
+    for converter in converters or []:
+        config = converter.build().convert(config)
     return ModelSpec(
         name="phi4",
         flavor=flavor,

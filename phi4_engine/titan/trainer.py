@@ -34,10 +34,11 @@ from torchtitan.config import ParallelismConfig, TrainingConfig
 from torchtitan.tools.logging import logger as titan_logger
 from torchtitan.trainer import Trainer
 
-from phi4_engine import checkpoints
+from phi4_engine import checkpoints, plan
+from phi4_engine.choices import Layout
 from phi4_engine.errors import CheckpointError, EngineError, NonFiniteError
 from phi4_engine.rundir import atomic_write
-from phi4_engine.titan import attention, phi4, safe_metadata
+from phi4_engine.titan import attention, layouts, phi4, safe_metadata
 
 
 class EngineTokenizer(BaseTokenizer):
@@ -86,13 +87,16 @@ class EngineDataLoader(BaseDataLoader):
         return iter(self.loader)
 
     # The loader's state (ints and int lists) travels as JSON bytes: DCP loads tensors in place,
-    # so a variable-length token buffer cannot be a tensor, and JSON needs no unpickling.
+    # so a variable-length token buffer cannot be a tensor, and JSON needs no unpickling. The
+    # engine's loaders keep a GLOBAL state (the same on every data-parallel rank: the whole
+    # stream's position), saved once under one key, so a checkpoint loads under any
+    # data-parallel degree and continues the same global sample sequence.
     def state_dict(self) -> dict[str, Any]:
-        return {f"dp_rank_{self.dp_rank}": orjson.dumps(self.loader.state_dict())}
+        return {"global": orjson.dumps(self.loader.state_dict())}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
-            self.loader.load_state_dict(orjson.loads(state_dict[f"dp_rank_{self.dp_rank}"]))
+            self.loader.load_state_dict(orjson.loads(state_dict["global"]))
 
 
 @dataclass(kw_only=True)
@@ -113,8 +117,7 @@ class LMJob:
     warmup_steps: int = 0
     decay_type: str = "cosine"  # "cosine" | "linear" | "none"
     min_lr_factor: float = 0.1
-    dp_shard: int = -1
-    tp: int = 1
+    layout: Layout = Layout()
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     max_norm: float = 1.0
@@ -431,12 +434,27 @@ def _process_group() -> Iterator[None]:
 
 
 def trainer_config(job: LMJob) -> Trainer.Config:
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    numbers = plan.model_numbers(job.flavor, job.vocab_size)
+    try:
+        layout = layouts.resolve(job.layout, world_size, numbers.n_layers * numbers.layer_params + 2 * numbers.vocab * numbers.dim)
+        layouts.check_tensor_parallel(layout, numbers.n_heads, numbers.n_kv_heads, job.flavor)
+    except ValueError as exc:
+        raise EngineError(f"parallelism: {exc}") from None
+    local_batch = job.batch_size
+    dp = layout.dp_replicate * layout.dp_shard
+    if job.global_batch_size > 0 and local_batch * dp > job.global_batch_size:
+        # No micro batch given: the global batch is split over the data-parallel ranks.
+        if job.global_batch_size % dp:
+            raise EngineError(f"batch_size {job.global_batch_size} does not split over {dp} data-parallel ranks")
+        local_batch = job.global_batch_size // dp
     spec = phi4.model_spec(
         job.flavor,
         vocab_size=job.vocab_size,
         rope_theta=job.rope_theta,
         max_seq_len=job.seq_len,
         attention=job.attention,
+        converters=layouts.converters(layout),
     )
     checkpoint = CheckpointManager.Config(
         enable=True,
@@ -447,7 +465,7 @@ def trainer_config(job: LMJob) -> Trainer.Config:
         initial_load_path=job.init_weights_from,
         initial_load_model_only=True,
     )
-    return Trainer.Config(
+    config = Trainer.Config(
         model_spec=spec,
         dump_folder=job.dump_folder,
         tokenizer=EngineTokenizer.Config(tokenizer=job.tokenizer),
@@ -461,24 +479,20 @@ def trainer_config(job: LMJob) -> Trainer.Config:
             min_lr_factor=1.0 if job.decay_type == "none" else job.min_lr_factor,
         ),
         training=TrainingConfig(
-            local_batch_size=job.batch_size,
+            local_batch_size=local_batch,
             global_batch_size=job.global_batch_size,
             seq_len=job.seq_len,
             steps=job.steps,
             max_norm=job.max_norm,
             disable_cuda_graphs=True,
-            mixed_precision_param="float32",
         ),
         # partial_dtensor: the default spmd_types backend needs torch >= 2.14 FSDP2 (FACTS.md §5, fix 5).
-        parallelism=ParallelismConfig(
-            spmd_backend="partial_dtensor",
-            data_parallel_shard_degree=job.dp_shard,
-            tensor_parallel_degree=job.tp,
-        ),
+        parallelism=ParallelismConfig(spmd_backend="partial_dtensor"),
         checkpoint=checkpoint,
         metrics=MetricsProcessor.Config(log_freq=1, enable_tensorboard=False),
-        activation_checkpoint=None,
     )
+    layouts.apply(config, layout)
+    return config
 
 
 def attach_job(trainer: Phi4Trainer, job: LMJob) -> Phi4Trainer:
@@ -509,7 +523,8 @@ def _run_lm(job: LMJob) -> LMResult:
         trainer.train()
         return LMResult(
             step=trainer.step,
-            tokens=trainer.ntokens_seen,
+            # ntokens_seen counts this rank's share; tensor-parallel ranks share their batch.
+            tokens=trainer.ntokens_seen * trainer.parallel_dims.dp_replicate * trainer.parallel_dims.dp_shard,
             final_checkpoint=os.path.join(trainer.checkpointer.folder, f"step-{trainer.step}"),
             weights_sha256=weights_sha256(trainer.model_parts[0]),
             init_weights_sha256=trainer.init_weights_sha256,

@@ -22,9 +22,16 @@ SFT_MARGIN = 0.15
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    import torch
+
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
     engine = Engine.from_file(SPECS / "tiny.json", run_dir=run_dir)
-    result = engine.run()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # as `make demo` runs it (the suite's other worker uses one thread)
+    try:
+        result = engine.run()
+    finally:
+        torch.set_num_threads(threads)
     return engine, result, run_dir
 
 

@@ -293,3 +293,24 @@ def test_data_ignore_index_matches_torchtitan():
     from phi4_engine.data.mixture import IGNORE_INDEX
 
     assert IGNORE_INDEX == TITAN_IGNORE
+
+
+# --------------------------------------------------------------------------------------------
+# 5. torchao's CUDA kernels on a CPU build: one warning per .so at import, in every process
+# --------------------------------------------------------------------------------------------
+
+
+def _stderr_of(code: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr
+
+
+@pytest.mark.skipif(HAS_CUDA, reason=ON_CUDA_REASON)
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao not installed")
+def test_torchao_warnings_are_silenced_and_still_need_to_be():
+    plain = _stderr_of("import torchao")
+    assert "Failed to load" in plain, "torchao no longer warns about its CUDA kernels on a CPU build: the shim can go"
+    assert "is an Enum subclass" in plain, "torch no longer logs torchao's Enum registration: _DropTorchaoEnumNotice can go"
+    ours = _stderr_of("import phi4_engine.titan.trainer, torchao.float8")
+    assert "Failed to load" not in ours and "is an Enum subclass" not in ours
