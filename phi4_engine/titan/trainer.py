@@ -531,3 +531,32 @@ def _run_lm(job: LMJob) -> LMResult:
         )
     finally:
         trainer.close()
+
+
+def stock_trainer_step_times(job: LMJob, warmup: int) -> list[float]:
+    """Seconds per step of torchtitan's OWN ``Trainer`` (not the engine's subclass: no manifest,
+    guard, digest or callbacks) on ``job``'s exact ``Trainer.Config`` — the baseline of
+    ``bench/mfu.py``. Steps after ``warmup``; checkpointing off."""
+    import time
+
+    with _process_group():
+        config = trainer_config(job)
+        config.checkpoint.enable = False
+        config.debug.seed = job.seed
+        trainer = Trainer(config)
+        stamps: list[float] = []
+        step = trainer.train_step
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            out = step(*args, **kwargs)
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+            return out
+
+        trainer.train_step = timed
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    return [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
