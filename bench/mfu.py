@@ -30,14 +30,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from phi4_engine import hookimpl  # noqa: E402
+from bench.step_clock import StepClock  # noqa: E402
 from phi4_engine.engine import Engine  # noqa: E402
 from phi4_engine.plan import flops_per_token, model_numbers  # noqa: E402
 
@@ -61,19 +60,6 @@ def spec(args: argparse.Namespace) -> dict:
     }  # fmt: skip
 
 
-class StepClock:
-    __name__ = "bench-clock"
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    @hookimpl
-    def phi4_step_end(self, stage, stage_dir, step, metrics):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
-
-
 def with_layers(flavor: str, layers: int | None):
     """Shrink a flavor's depth (same width, heads, FFN) so a 14B-shaped model fits one GPU."""
     from phi4_engine.titan import phi4
@@ -86,7 +72,7 @@ def ours(args: argparse.Namespace) -> list[float]:
     clock = StepClock()
     with tempfile.TemporaryDirectory() as tmp:
         Engine(spec(args), plugins=[clock], run_dir=Path(tmp) / "run").run()
-    return [b - a for a, b in zip(clock.times, clock.times[1:])][args.warmup:]
+    return clock.step_times(args.warmup)
 
 
 def baseline(args: argparse.Namespace) -> list[float]:

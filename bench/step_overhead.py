@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from phi4_engine import hookimpl  # noqa: E402
+from bench.step_clock import StepClock  # noqa: E402
 from phi4_engine.engine import Engine  # noqa: E402
 
 SEQ, BATCH, LR, WARMUP = 256, 8, 3e-3, 5
@@ -57,25 +57,11 @@ def spec(steps: int) -> dict:
     }
 
 
-class StepClock:
-    """A plugin that timestamps every step end."""
-
-    __name__ = "bench-clock"
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    @hookimpl
-    def phi4_step_end(self, stage, stage_dir, step, metrics):
-        self.times.append(time.perf_counter())
-
-
 def engine_step_time(steps: int, skip: int) -> float:
     clock = StepClock()
     with tempfile.TemporaryDirectory() as tmp:
         Engine(spec(steps), plugins=[clock], run_dir=Path(tmp) / "run").run()
-    deltas = [b - a for a, b in zip(clock.times, clock.times[1:])][skip:]
-    return statistics.median(deltas)
+    return statistics.median(clock.step_times(skip))
 
 
 def bare_step_time(steps: int, skip: int) -> float:
