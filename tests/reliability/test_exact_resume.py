@@ -31,11 +31,13 @@ PAIRS = ["dpo-pivotal/data/pairs.jsonl", "dpo-judge/data/pairs.jsonl", "refusal/
 
 
 def _kill_points(run: Path) -> list[tuple[str, object, float]]:
-    """(label, trigger, largest random delay after it)."""
+    """(label, trigger, largest random delay after it): eleven kills."""
     return [
         ("pretrain, after step-4", committed(run / "pretrain", 4), 0.15),
         ("pretrain again (second resume)", committed(run / "pretrain", 8), 0.1),
+        # The midtrain folder exists before the ledger says the stage runs: a kill between them.
         ("stage boundary: midtrain starting", exists(run / "midtrain"), 0.0),
+        ("midtrain", committed(run / "midtrain", 2), 0.05),
         ("sft", committed(run / "sft", 4), 0.1),
         ("dpo-pivotal: during the search", exists(run / "dpo-pivotal" / "data" / "pts-cache.jsonl"), 0.05),
         ("dpo-pivotal: training", committed(run / "dpo-pivotal", 2), 0.05),
