@@ -3,8 +3,6 @@ float8 is refused on a CPU before anything runs and trains in emulation."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from phi4_engine.choices import Layout
@@ -13,9 +11,6 @@ from phi4_engine.errors import EngineError
 from phi4_engine.titan import layouts
 from tests.conftest import run_cli, tiny_pretrain_spec, write_spec
 from tests.reliability.conftest import metrics
-
-HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
-
 
 def _layout(parallelism: dict) -> Layout:
     engine = Engine({**tiny_pretrain_spec(), "parallelism": parallelism})
@@ -58,12 +53,10 @@ def test_float8_on_cpu_is_refused_before_anything_runs(tmp_path):
     spec = write_spec(tmp_path / "spec.json", data)
     done = run_cli("run", str(spec), "--run-dir", str(tmp_path / "run"))
     assert done.returncode == 1 and done.stderr.strip().count("\n") == 0, done.stderr
-    expected = "compute capability 8.9" if HAS_TORCHAO else "needs torchao"
-    assert expected in done.stderr
+    assert "compute capability 8.9" in done.stderr  # torchao comes with the [test] extra
     assert not (tmp_path / "run").exists()  # nothing written, nothing trained
 
 
-@pytest.mark.skipif(not HAS_TORCHAO, reason="float8 emulation needs torchao (the [test] extra installs it)")
 def test_float8_emulation_trains_on_cpu(tmp_path):
     data = {**tiny_pretrain_spec(steps=12), "parallelism": {"kind": "auto", "float8": {"emulate": True}}}
     spec = write_spec(tmp_path / "spec.json", data)
@@ -88,8 +81,7 @@ def test_activation_checkpointing_recomputes_the_same_step(tmp_path, mode):
 
 
 def test_float8_check_names_the_gpu_requirement():
-    if HAS_TORCHAO:
-        with pytest.raises(EngineError, match="emulate: true"):
-            layouts.check(Layout(float8="rowwise"))
-    layouts.check(Layout(float8="rowwise", float8_emulate=True)) if HAS_TORCHAO else None
+    with pytest.raises(EngineError, match="emulate: true"):
+        layouts.check(Layout(float8="rowwise"))
+    layouts.check(Layout(float8="rowwise", float8_emulate=True))
     layouts.check(Layout())
