@@ -193,6 +193,12 @@ try:
 except RuntimeError as exc:
     out["error"] = str(exc)
 print(json.dumps(out), flush=True)
+if "error" in out:
+    # After a failed collective the ranks' gloo sequences no longer match: a barrier here can
+    # see the peer's teardown as "Connection closed by peer". Both ranks fail locally (the
+    # reduce op is rejected before any byte is sent), so each just leaves.
+    import os
+    os._exit(0)
 dist.barrier()  # neither rank tears gloo down while the other is still in a collective
 dist.destroy_process_group()
 """
