@@ -397,20 +397,21 @@ class Engine:
         runner = self.registry.build("stage", stage_spec, ctx)
         if ranks.world_size() > 1 and not getattr(runner, "distributed", False):
             raise EngineError(
-                f"stage {name!r} ({kind}) runs in one process only in this version; run it without --nproc "
-                f"(the stages before it can use several: --stages)"
+                f"stage {name!r} ({kind}) runs in one process only (its stage class does not declare "
+                f"distributed = True); run it without --nproc (the stages before it can use several: --stages)"
             )
         evaluator = Evaluator(stage_spec, self._eval_context(tokenizer), str(stage_dir))
-        evaluate = bool(evaluator) and ranks.is_main()  # rank 0 evaluates, the others wait
         try:
-            if evaluate and init:
+            # every rank evaluates (the problems are dealt over the ranks); rank 0 writes
+            if evaluator and init:
                 evaluator.run("before", self._weights(previous))
-            ranks.barrier()
             summary = runner.run()
-            if evaluate:
+            if evaluator:
                 evaluator.run("after", self._weights(summary))
+                ranks.barrier()
                 summary["eval"] = evaluator.results()
-                log_to_tensorboard(str(stage_dir), summary["eval"], summary.get("steps", 0))
+                if ranks.is_main():
+                    log_to_tensorboard(str(stage_dir), summary["eval"], summary.get("steps", 0))
             ranks.barrier()
         except BaseException:
             ledger["stages"][name].update(status="failed", finished=now())

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import orjson
 
+from phi4_engine import ranks
 from phi4_engine.errors import EngineError
 from phi4_engine.rundir import atomic_write
 
@@ -66,8 +67,12 @@ class Evaluator:
         return {}
 
     def run(self, label: str, weights: WeightsRef, *, force: bool = False) -> dict[str, dict[str, float]]:
-        """Evaluate ``weights`` as ``label`` ("before"/"after"); cached in eval.json unless ``force``."""
-        saved = self.results()
+        """Evaluate ``weights`` as ``label`` ("before"/"after"); cached in eval.json unless ``force``.
+
+        Under --nproc every rank runs the evaluations (the built-in ones deal their problems
+        over the ranks: ``ranks.split_work``); rank 0 writes eval.json and its view of what is
+        cached is everyone's."""
+        saved = ranks.from_main(self.results())
         if label in saved and not force:
             return saved[label]
         max_len = max(getattr(e, "max_seq_len", 0) for _, e in self.evals) or 1024
@@ -75,7 +80,8 @@ class Evaluator:
         out = {name: evaluation.run(model) for name, evaluation in self.evals}
         saved[label] = out
         saved.setdefault("weights", {})[label] = weights.checkpoint
-        atomic_write(Path(self.path), orjson.dumps(saved, option=orjson.OPT_INDENT_2))
+        if ranks.is_main():
+            atomic_write(Path(self.path), orjson.dumps(saved, option=orjson.OPT_INDENT_2))
         return out
 
 

@@ -34,6 +34,12 @@ def phi4_register_stages(register: Register) -> None:
 
     ``factory(stage_spec, ctx)`` returns an object with ``run() -> dict`` (the stage's summary
     metrics); ``ctx`` is a :class:`phi4_engine.stage.StageContext`.
+
+    Under ``--nproc N`` every rank calls ``run()``. A stage that supports it says so with a
+    class attribute ``distributed = True`` (the engine refuses the others in one line): its
+    collectives must match on every rank, rank 0 alone writes files
+    (``phi4_engine.ranks.is_main``), decisions read from those files come from rank 0
+    (``ranks.from_main``), and work can be dealt over the ranks with ``ranks.split_work``.
     """
 
 

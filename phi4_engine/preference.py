@@ -26,6 +26,7 @@ from typing import Any, Iterator, Literal, Sequence
 import orjson
 from pydantic import Field, model_validator
 
+from phi4_engine import ranks
 from phi4_engine.errors import EngineError
 from phi4_engine.rundir import atomic_write
 from phi4_engine.spec.base import DataSourceRef, LossRef, SchedulerRef, SpecModel
@@ -189,9 +190,15 @@ def load_pairs(ctx: StageContext) -> tuple[list[dict[str, Any]], str, dict[str, 
 
 def build_then_train(ctx: StageContext, spec: DpoTraining, build: Any, report_key: str) -> dict[str, Any]:
     """The DPO stage's two phases: ``build() -> (records, report)`` once (skipped when
-    ``pairs.jsonl`` exists), then DPO on the pairs; the report joins the summary."""
-    if load_pairs(ctx) is None:
-        save_pairs(ctx, *build())
+    ``pairs.jsonl`` exists), then DPO on the pairs; the report joins the summary.
+
+    Under --nproc every rank builds (generation is split over the ranks) and trains; rank 0
+    writes the pairs, and its view of whether they exist is everyone's."""
+    if ranks.from_main(load_pairs(ctx) is None):
+        built = build()
+        if ranks.is_main():
+            save_pairs(ctx, *built)
+        ranks.barrier()
     records, sha, report = load_pairs(ctx)  # type: ignore[misc]
     summary = train_on_pairs(ctx, spec, records, sha)
     summary[report_key] = report
@@ -222,16 +229,16 @@ def reference_logps(ctx: StageContext, spec: DpoTraining, pairs: Sequence[Any], 
     key_src = f"{pairs_sha256}:{ctx.init_weights_sha256 or weights.checkpoint}:{spec.seq_len}"
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     path = data_dir(ctx) / f"ref-logps-{key}.json"
-    if path.exists():
-        cached = orjson.loads(path.read_bytes())
-        if len(cached["logps"]) == len(pairs):
-            return [tuple(x) for x in cached["logps"]]  # type: ignore[misc]
-    logps = compute_reference_logps(
+    cached = orjson.loads(path.read_bytes()) if ranks.from_main(path.exists()) else None
+    if cached is not None and len(cached["logps"]) == len(pairs):
+        return [tuple(x) for x in cached["logps"]]  # type: ignore[misc]
+    logps = compute_reference_logps(  # batches dealt over the ranks under --nproc
         weights.checkpoint, pairs, flavor=weights.flavor, vocab_size=ctx.tokenizer.vocab_size,
         rope_theta=weights.rope_theta, seq_len=spec.seq_len, pad_id=ctx.tokenizer.pad_id,
     )  # fmt: skip
-    record = {"pairs_sha256": pairs_sha256, "init_weights_sha256": ctx.init_weights_sha256, "logps": logps}
-    atomic_write(path, orjson.dumps(record))
+    if ranks.is_main():
+        record = {"pairs_sha256": pairs_sha256, "init_weights_sha256": ctx.init_weights_sha256, "logps": logps}
+        atomic_write(path, orjson.dumps(record))
     return logps
 
 

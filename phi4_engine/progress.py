@@ -10,9 +10,12 @@ import os
 import sys
 from types import TracebackType
 
+from phi4_engine import ranks
+
 
 def enabled() -> bool:
-    return os.environ.get("PHI4_ENGINE_PROGRESS", "1") != "0"
+    """On unless ``PHI4_ENGINE_PROGRESS=0``; under --nproc, rank 0's bar only (its share)."""
+    return os.environ.get("PHI4_ENGINE_PROGRESS", "1") != "0" and ranks.is_main()
 
 
 class WorkProgress:

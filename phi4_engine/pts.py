@@ -309,11 +309,11 @@ class PTSCache:
     at most one torn last line, which loading cuts off. One writer per file.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], filename: str = "pts-cache.jsonl") -> None:
+    def __init__(self, directory: str | os.PathLike[str], filename: str = "pts-cache.jsonl", *, write: bool = True) -> None:
         self.path = Path(directory) / filename
         self.estimates: dict[str, Estimate] = {}
         self.logps: dict[str, list[float]] = {}
-        self._log = AppendLog(self.path)
+        self._log = AppendLog(self.path, write=write)  # write=False: a reader rank under --nproc
         for lineno, rec in enumerate(self._log.records, 1):
             try:
                 if rec["kind"] == "estimate":

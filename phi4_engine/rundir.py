@@ -41,16 +41,21 @@ def atomic_write(path: Path, data: bytes) -> None:
 class AppendLog:
     """A JSONL file that survives crashes: each record is one flushed + fsync'd line, and a line
     torn by a crash mid-append is cut off when the file is opened again. ``records`` holds what
-    was on disk when it was opened."""
+    was on disk when it was opened.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    ``write=False`` (the other ranks of a --nproc run, where rank 0 is the one writer): the
+    records are read, a torn line is ignored rather than cut, and appends are dropped."""
+
+    def __init__(self, path: str | os.PathLike[str], *, write: bool = True) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.records: list[Any] = []
+        self.write = write
+        if write:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             data = self.path.read_bytes()
             whole = data[: data.rfind(b"\n") + 1]
-            if len(whole) != len(data):
+            if len(whole) != len(data) and write:
                 with open(self.path, "r+b") as f:
                     f.truncate(len(whole))
                     os.fsync(f.fileno())
@@ -59,19 +64,22 @@ class AppendLog:
                     self.records.append(orjson.loads(line))
                 except orjson.JSONDecodeError as exc:
                     raise DataError(f"{self.path}:{lineno}: not a JSON record ({exc})") from None
-        self._file = open(self.path, "ab")
+        self._file = open(self.path, "ab") if write else None
 
     def append(self, record: Any) -> None:
         self.extend([record])
 
     def extend(self, records: list[Any]) -> None:
         """Append several records with one fsync (callers serialize concurrent appends)."""
+        if self._file is None:
+            return
         self._file.write(b"".join(orjson.dumps(r) + b"\n" for r in records))
         self._file.flush()
         os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def __enter__(self) -> "AppendLog":
         return self

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from phi4_engine import hookimpl
+from phi4_engine import hookimpl, ranks
 from phi4_engine.errors import EngineError
 from phi4_engine.spec.base import DataSourceRef, JudgeRef, SpecModel, VerifierRef
 
@@ -76,7 +76,10 @@ def greedy_answers(model: Any, tokenizer: Any, conversations: list[list[dict[str
 
     generator = Generator(model, eos_ids={tokenizer.im_end_id, tokenizer.eos_id}, pad_id=tokenizer.pad_id)
     prompts = [tokenizer.encode_chat(messages, add_generation_prompt=True)[0] for messages in conversations]
-    return [tokenizer.decode(o) for o in generator.generate(prompts, max_new_tokens=max_new_tokens)]
+    # Under --nproc each rank answers its share. Greedy decoding does not depend on the batch
+    # beyond float rounding (a near-tie between two tokens can resolve differently).
+    answers = ranks.split_work(prompts, lambda share: generator.generate(share, max_new_tokens=max_new_tokens))
+    return [tokenizer.decode(o) for o in answers]
 
 
 class _GreedyChatEvaluation:
@@ -115,7 +118,7 @@ class TaskAccuracy(_GreedyChatEvaluation):
 
     def run(self, model: Any) -> dict[str, float]:
         problems, answers = self.answers(model)
-        verdicts = self.verifier.verify_many((meta, answer) for answer, (_, meta) in zip(answers, problems))
+        verdicts = ranks.split_work([(meta, answer) for answer, (_, meta) in zip(answers, problems)], self.verifier.verify_many)
         return {"accuracy": sum(verdicts) / len(problems), "problems": float(len(problems))}
 
 
@@ -144,7 +147,7 @@ class JudgeScore(_GreedyChatEvaluation):
         from phi4_engine.judging import DIMENSIONS, JudgeItem, Verdict
 
         problems, answers = self.answers(model)
-        results = self.judge.score_many([JudgeItem(p, a, meta) for a, (p, meta) in zip(answers, problems)])
+        results = ranks.split_work([JudgeItem(p, a, meta) for a, (p, meta) in zip(answers, problems)], self.judge.score_many)
         verdicts = [r for r in results if isinstance(r, Verdict)]
         if not verdicts:
             raise EngineError(f"judge-score: every judgment failed, e.g. {results[0].message}")
@@ -186,7 +189,7 @@ class RefusalRates(_GreedyChatEvaluation):
             counts[f"{group}_not_attempted"] += refused
             if group == "answerable" and not refused:
                 checks.append((meta, answer))
-        counts["answerable_correct"] = sum(self.verifier.verify_many(checks)) if checks else 0
+        counts["answerable_correct"] = sum(ranks.split_work(checks, self.verifier.verify_many))
         bogus, answerable = max(counts["bogus"], 1), max(counts["answerable"], 1)
         return {
             "bogus_not_attempted": counts["bogus_not_attempted"] / bogus,

@@ -14,11 +14,14 @@ judgment with its raw text (never a default score), ``pairs.jsonl`` the final pa
 
 from __future__ import annotations
 
+import itertools
 import sys
+from contextlib import nullcontext
 from typing import Any, Literal
 
 from pydantic import Field
 
+from phi4_engine import ranks
 from phi4_engine.errors import EngineError
 from phi4_engine.judging import JudgeItem, Verdict, VerdictCache, prefer
 from phi4_engine.preference import (
@@ -53,6 +56,8 @@ class DpoJudgeSpec(DpoStageSpec):
 
 
 class DpoJudgeStage:
+    distributed = True  # under --nproc: generation dealt over the ranks, DPO on all of them
+
     def __init__(self, spec: DpoJudgeSpec, ctx: StageContext) -> None:
         self.spec, self.ctx = spec, ctx
 
@@ -69,28 +74,39 @@ class DpoJudgeStage:
 
         generator = Generator(model, eos_ids={tok.im_end_id, tok.eos_id}, pad_id=tok.pad_id)
         folder = data_dir(ctx)
-        log = AppendLog(folder / "candidates.jsonl")
-        done = {rec["batch"]: rec["responses"] for rec in log.records}
+        main = ranks.is_main()
+        # Under --nproc every rank generates: a round of ``world`` batches, one per rank (each
+        # batch has its own seed, so its candidates are the same under any world size); rank 0
+        # alone writes the logs and asks the judge, and says when there are enough pairs.
+        log = AppendLog(folder / "candidates.jsonl", write=main)
+        done = ranks.from_main({rec["batch"]: rec["responses"] for rec in log.records})
         counts = {"prompts": 0, "too_long": 0, "ties": 0, "no_verdicts": 0, "from_reference": 0}
         records: list[dict[str, Any]] = []
-        with log, VerdictCache(folder) as cache, WorkProgress(f"{ctx.stage_name}: pairs", total=spec.pairs, unit="pairs") as bar:
-            for index, batch in enumerate(prompt_batches(ctx, spec, spec.prompts_per_batch, counts)):
-                responses = done.get(index)
-                if responses is None:
-                    responses = self._generate(generator, batch, index)
+        batches = enumerate(prompt_batches(ctx, spec, spec.prompts_per_batch, counts))
+        with log, VerdictCache(folder) if main else nullcontext() as cache, \
+                WorkProgress(f"{ctx.stage_name}: pairs", total=spec.pairs, unit="pairs") as bar:
+            enough = False
+            while not enough and (round_ := list(itertools.islice(batches, ranks.world_size()))):
+                todo = [(index, batch) for index, batch in round_ if index not in done]
+                made = ranks.split_work(todo, lambda share: [self._generate(generator, b, i) for i, b in share])
+                for (index, batch), responses in zip(todo, made):
+                    done[index] = responses
                     log.append({"batch": index, "ids": [p.id for p in batch], "responses": responses})
-                new = self._pairs_for_batch(judge, cache, batch, responses, counts)
-                records.extend(new[: spec.pairs - len(records)])
-                counts["prompts"] += len(batch)
-                bar.advance(len(new), info=f"{counts['prompts']} prompts")
-                if len(records) >= spec.pairs:
-                    break
-            stats = cache.stats()
+                for index, batch in round_:
+                    if enough:
+                        break
+                    new = self._pairs_for_batch(judge, cache, batch, done[index], counts) if main else []
+                    records.extend(new[: spec.pairs - len(records)])
+                    counts["prompts"] += len(batch)
+                    bar.advance(len(new), info=f"{counts['prompts']} prompts")
+                    enough = len(records) >= spec.pairs
+                enough = ranks.from_main(enough)
+            stats = cache.stats() if main else {"asked": 0, "ok": 0}
         if stats["asked"] and stats["ok"] == 0:
             raise EngineError(f"stage {ctx.stage_name!r}: every judgment failed ({stats}); see "
                               f"{folder / 'judge-quarantine.jsonl'} for the judge's raw replies")
         report = {**counts, "pairs": len(records), "judge": {"name": judge.name, "version": judge.version, **stats}}
-        if len(records) < spec.pairs:
+        if len(records) < spec.pairs and main:
             print(f"{ctx.stage_name}: prompts ran out after {len(records)} of {spec.pairs} pairs", file=sys.stderr)
         return records, report
 

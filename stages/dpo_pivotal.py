@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from phi4_engine import ranks
 from phi4_engine.preference import DpoStageSpec, build_then_train, data_dir, load_policy, prompt_batches
 from phi4_engine.progress import WorkProgress
 from phi4_engine.spec.base import SpecModel, VerifierRef
@@ -63,6 +64,8 @@ class DpoPivotalSpec(DpoStageSpec):
 
 
 class DpoPivotalStage:
+    distributed = True  # under --nproc: generation dealt over the ranks, DPO on all of them
+
     def __init__(self, spec: DpoPivotalSpec, ctx: StageContext) -> None:
         self.spec, self.ctx = spec, ctx
 
@@ -96,7 +99,8 @@ class DpoPivotalStage:
                 if len(records) >= spec.pairs:
                     break
             report = {**search.report(), **counts, "pairs_kept": len(records)}
-        print(format_report(ctx.stage_name, report), file=sys.stderr)
+        if ranks.is_main():
+            print(format_report(ctx.stage_name, report), file=sys.stderr)
         return records, report
 
 

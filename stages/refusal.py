@@ -30,6 +30,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import Field
 
+from phi4_engine import ranks
 from phi4_engine.data.source import Document
 from phi4_engine.errors import EngineError
 from phi4_engine.evaluation import WeightsRef
@@ -114,26 +115,33 @@ def _phase_ctx(ctx: StageContext, phase: str, start: dict[str, Any] | None = Non
 
 
 class RefusalStage:
+    distributed = True  # under --nproc: generation dealt over the ranks, DPO on all of them
+
     def __init__(self, spec: RefusalSpec, ctx: StageContext) -> None:
         self.spec, self.ctx = spec, ctx
 
     def run(self) -> dict[str, Any]:
         ctx, spec = self.ctx, self.spec
         folder = data_dir(ctx)
-        if load_pairs(ctx) is None:
+        # Under --nproc every rank samples and trains; rank 0 writes, and its view of what is
+        # already done is everyone's (ranks.from_main).
+        if ranks.from_main(load_pairs(ctx) is None):
             sft_records, pairs, report = self.build_data()
-            atomic_write(folder / "sft-records.jsonl", b"".join(orjson.dumps(r) + b"\n" for r in sft_records))
-            save_pairs(ctx, pairs, report)
+            if ranks.is_main():
+                atomic_write(folder / "sft-records.jsonl", b"".join(orjson.dumps(r) + b"\n" for r in sft_records))
+                save_pairs(ctx, pairs, report)
+            ranks.barrier()
         records, sha, report = load_pairs(ctx)  # type: ignore[misc]
 
         done_path = folder / "sft-phase.json"
-        if done_path.exists():
+        if ranks.from_main(done_path.exists()):
             sft = orjson.loads(done_path.read_bytes())
         else:
             docs = [Document(id=r["id"], messages=tuple(r["messages"])) for r in
                     (orjson.loads(line) for line in (folder / "sft-records.jsonl").read_bytes().splitlines())]
             sft = self.train_sft(docs)
-            atomic_write(done_path, orjson.dumps(sft))
+            if ranks.is_main():
+                atomic_write(done_path, orjson.dumps(sft))
         dpo = train_on_pairs(_phase_ctx(ctx, "dpo", start=sft), spec.dpo, records, sha)
         return {
             **dpo,
@@ -229,13 +237,21 @@ class RefusalStage:
         generator = Generator(load_policy(self.ctx, width + spec.max_new_tokens), eos_ids={tok.im_end_id, tok.eos_id}, pad_id=tok.pad_id)
         out: list[list[list[int]]] = [[] for _ in questions]
         chunk = 64
-        with WorkProgress(f"{self.ctx.stage_name}: sampling answers", total=len(rows), unit="answers") as bar:
-            for start in range(0, len(rows), chunk):
-                completions = generator.generate_completions(
+        starts = list(range(0, len(rows), chunk))
+
+        def sample(share: list[int]) -> list[list[Any]]:
+            # each chunk has its own seed: the same answers whichever rank samples it (--nproc)
+            done = []
+            for start in share:
+                done.append(generator.generate_completions(
                     rows[start : start + chunk], max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
                     seed=stable_seed(self.ctx.spec.seed, self.ctx.stage_name, start),
-                )  # fmt: skip
+                ))  # fmt: skip
+                bar.advance(len(done[-1]))
+            return done
+
+        with WorkProgress(f"{self.ctx.stage_name}: sampling answers", total=len(rows), unit="answers") as bar:
+            for start, completions in zip(starts, ranks.split_work(starts, sample)):
                 for owner, c in zip(owners[start : start + chunk], completions):
                     out[owner].append(c.tokens + ([tok.im_end_id] if c.finish_reason == "stop" else []))
-                bar.advance(len(completions))
         return out

@@ -36,7 +36,8 @@ Pieces, from the inside out:
   short blocks are packed, and the LM head runs at scored positions only. The per-row log-probs
   are the plain layout's within fp32 rounding.
 
-Not supported yet: pipeline parallelism, tensor parallelism (vocab-sharded logits).
+Tensor parallelism: the vocab-sharded logits are gathered on each TP rank (``_GatherVocab``)
+and rows are scored unpacked. Not supported: pipeline parallelism.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from torchtitan.components.loss import CrossEntropyLoss
 from torchtitan.tools.logging import logger as titan_logger
 from torchtitan.trainer import Trainer
 
+from phi4_engine import ranks
 from phi4_engine.data.mixture import IGNORE_INDEX  # torchtitan's value too
 from phi4_engine.errors import EngineError
 from phi4_engine.titan import attention
@@ -384,16 +386,62 @@ def compute_reference_logps(
     and weights hashes and hands them to ``pairs_loader(ref_logps=...)``.
     """
     model = load_model(checkpoint, flavor=flavor, vocab_size=vocab_size, rope_theta=rope_theta, max_seq_len=seq_len)
-    out: list[tuple[float, float]] = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        batch = encode_pairs(chunk, seq_len, pad_id)
-        logp = sequence_logps(model, batch["input"], batch["loss_mask"]).tolist()
-        out.extend(zip(logp[: len(chunk)], logp[len(chunk) :]))
-    return out
+
+    def score(starts: list[int]) -> list[list[tuple[float, float]]]:
+        done = []
+        for start in starts:
+            chunk = pairs[start : start + batch_size]
+            batch = encode_pairs(chunk, seq_len, pad_id)
+            logp = sequence_logps(model, batch["input"], batch["loss_mask"]).tolist()
+            done.append(list(zip(logp[: len(chunk)], logp[len(chunk) :])))
+        return done
+
+    # Under --nproc the batches are dealt over the ranks (the same batches as in one process,
+    # so the same numbers); every rank gets all of them.
+    per_batch = ranks.split_work(list(range(0, len(pairs), batch_size)), score)
+    return [tuple(x) for batch in per_batch for x in batch]  # type: ignore[misc]
 
 
 # -- the trainer -----------------------------------------------------------------------------
+
+
+class _GatherVocab(torch.autograd.Function):
+    """A TP rank's vocab shard of the logits -> all the logits, on every TP rank. Each TP rank
+    then computes the same DPO loss, so the gradient of its shard is its slice of the whole
+    gradient: the backward takes the slice and communicates nothing."""
+
+    @staticmethod
+    def forward(ctx: Any, local: torch.Tensor, group: Any) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.rank, ctx.width = dist.get_rank(group), local.shape[-1]
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.narrow(-1, ctx.rank * ctx.width, ctx.width).contiguous(), None
+
+
+def _gather_vocab_on(model: nn.Module, group: Any) -> None:
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    lm_head = getattr(model, "lm_head", None)
+    if lm_head is None:
+        raise EngineError("DPO with tensor parallelism needs the model's lm_head")
+    vocab, tp = lm_head.weight.shape[0], dist.get_world_size(group)
+    if vocab % tp:
+        raise EngineError(f"DPO with tensor parallelism needs the vocabulary ({vocab}) divisible by tp_degree ({tp})")
+
+    def whole(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        if isinstance(out, DTensor):
+            return out.full_tensor()
+        return out if out.shape[-1] == vocab else _GatherVocab.apply(out, group)
+
+    lm_head.register_forward_hook(whole)
+
 
 
 class Phi4DPOTrainer(Phi4Trainer):
@@ -415,8 +463,14 @@ class Phi4DPOTrainer(Phi4Trainer):
         if not config.checkpoint.initial_load_path:
             raise ValueError("DPO starts from the previous stage's weights: set checkpoint.initial_load_path")
         super().__init__(config)
-        if self.parallel_dims.pp_enabled or self.parallel_dims.tp_enabled:
-            raise EngineError("DPO supports data parallelism (FSDP) only, not pipeline or tensor parallelism (issue #8)")
+        if self.parallel_dims.pp_enabled:
+            raise EngineError("DPO does not support pipeline parallelism; use fsdp2, hsdp or fsdp2+tp")
+        # Tensor parallel: the LM head's logits are vocab shards; they are made whole on each
+        # TP rank (the DPO log-probs need every class), and rows are scored unpacked (the
+        # packed layout indexes hidden states, which sequence parallelism shards).
+        self.tensor_parallel = self.parallel_dims.tp_enabled
+        if self.tensor_parallel:
+            _gather_vocab_on(self.model_parts[0], self.parallel_dims.get_mesh("tp").get_group())
         batch_degree = self.parallel_dims.get_mesh("batch").size() if self.parallel_dims.dp_enabled else 1
         self.pairs_per_step = config.training.local_batch_size * self.gradient_accumulation_steps * batch_degree
         self.custom_masks = supports_custom_masks(self.model_parts[0])
@@ -473,7 +527,8 @@ class Phi4DPOTrainer(Phi4Trainer):
             raise ValueError("reference='cached' but the batch has no 'ref_logp'")
         _check_mask(inputs, loss_mask)
         packed = None
-        if set(input_dict) <= {"input", "positions"} and is_plain_positions(input_dict.get("positions"), inputs.shape):
+        if (not self.tensor_parallel and set(input_dict) <= {"input", "positions"}
+                and is_plain_positions(input_dict.get("positions"), inputs.shape)):
             packed = pack_pairs(inputs, loss_mask, custom_masks=self.custom_masks)
             model_inputs, labels, extra = self.post_dataloading_process(packed.model_inputs(inputs.device), labels)
         else:  # rows holding several documents (or a custom mask): scored as given

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from phi4_engine import ranks
 from phi4_engine.pts import (
     NO_TOKEN,
     Estimate,
@@ -99,7 +100,7 @@ class RolloutSampler:
         self.decoder = CachedDecoder(model.eval())
         self.stop_ids = frozenset(int(i) for i in stop_ids)
         self.pad_id, self.max_rows = int(pad_id), max_rows
-        self.rows_sampled = 0
+        self.rows_sampled = 0  # by this rank (under --nproc each rank samples its share)
         self.tokens_sampled = 0
 
     def sample(self, prompts: Sequence[Sequence[int]], keys: Sequence[Sequence[int]], budgets: Sequence[int], *,
@@ -111,10 +112,13 @@ class RolloutSampler:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("sample: every prompt needs at least one token")
         rows = [(i, k) for i, ks in enumerate(keys) for k in ks]
-        done: list[Completion] = []
-        for start in range(0, len(rows), self.max_rows):
-            chunk = rows[start : start + self.max_rows]
-            done += self._chunk(prompts, budgets, chunk, temperature, top_p)
+        chunks = [rows[start : start + self.max_rows] for start in range(0, len(rows), self.max_rows)]
+        # Under --nproc the chunks are dealt over the ranks; a chunk is the same batch under any
+        # world size, so the completions are too (each row draws from its own key).
+        per_chunk = ranks.split_work(
+            chunks, lambda share: [self._chunk(prompts, budgets, chunk, temperature, top_p) for chunk in share]
+        )
+        done: list[Completion] = [c for chunk in per_chunk for c in chunk]
         out: list[list[Completion]] = []
         at = 0
         for ks in keys:
@@ -199,7 +203,7 @@ class ModelEstimator:
         decode = self.tokenizer.decode
         items = [(dict(r.question.meta or {}), decode([*r.prefix, *c.tokens]))
                  for r, cs in zip(requests, completions) for c in cs]  # fmt: skip
-        verdicts = iter(self.verifier.verify_many(items))
+        verdicts = iter(ranks.split_work(items, self.verifier.verify_many))
         out = []
         for r, cs in zip(requests, completions):
             first = tuple(c.tokens[0] if c.tokens else (c.stop_id if c.stop_id is not None else NO_TOKEN) for c in cs)
@@ -220,18 +224,25 @@ class ModelLogProbs:
     @torch.no_grad()
     def __call__(self, items: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[list[float]]:
         order = sorted(range(len(items)), key=lambda i: len(items[i][0]) + len(items[i][1]))
-        out: list[list[float]] = [[] for _ in items]
+        chunks: list[list[int]] = []
         chunk: list[int] = []
         for i in order + [None]:  # type: ignore[list-item]
             size = 0 if i is None else len(items[i][0]) + len(items[i][1])
             if chunk and (i is None or size * (len(chunk) + 1) > self.max_tokens):
-                self._chunk(items, chunk, out)
+                chunks.append(chunk)
                 chunk = []
             if i is not None:
                 chunk.append(i)
+        # Chunks are dealt over the ranks under --nproc (the same batches as in one process).
+        per_chunk = ranks.split_work(chunks, lambda share: [self._chunk(items, c) for c in share])
+        out: list[list[float]] = [[] for _ in items]
+        for c, values in zip(chunks, per_chunk):
+            for i, v in zip(c, values):
+                out[i] = v
         return out
 
-    def _chunk(self, items, chunk: list[int], out: list[list[float]]) -> None:
+    def _chunk(self, items, chunk: list[int]) -> list[list[float]]:
+        out: list[list[float]] = [[] for _ in chunk]
         seqs = [[*items[i][0], *items[i][1]] for i in chunk]
         width = max(len(s) for s in seqs)
         if width > self.decoder.max_seq_len:
@@ -251,7 +262,8 @@ class ModelLogProbs:
             start = width - len(seqs[row]) + len(prompt) - 1  # position predicting response[0]
             picked = logits[row, start : start + len(response)].float().log_softmax(dim=-1)
             target = torch.tensor(list(response), dtype=torch.long, device=picked.device)
-            out[i] = picked.gather(-1, target[:, None]).squeeze(-1).tolist()
+            out[row] = picked.gather(-1, target[:, None]).squeeze(-1).tolist()
+        return out
 
 
 def build_search(model: nn.Module, tokenizer: Any, verifier: Any, config: PTSConfig | None = None, *,
@@ -263,6 +275,9 @@ def build_search(model: nn.Module, tokenizer: Any, verifier: Any, config: PTSCon
     config = config or PTSConfig()
     estimator = ModelEstimator(model, tokenizer, verifier, stop_ids=stop_ids, max_rows=config.max_rows)
     logprobs = ModelLogProbs(model, max_tokens=max_logprob_tokens)
-    cache = None if cache_dir is None else PTSCache(cache_dir)
+    # Under --nproc every rank runs the same search on the same cache contents (read here, before
+    # anyone writes: the barrier); rank 0 alone appends what the ranks compute together.
+    cache = None if cache_dir is None else PTSCache(cache_dir, write=ranks.is_main())
+    ranks.barrier()
     return PivotalTokenSearch(estimator, logprobs, config, policy_id=policy_id or weights_sha256(model), cache=cache,
                               progress=progress)

@@ -9,40 +9,17 @@ small random-ish policy reaches about half the time, so the search has something
 from __future__ import annotations
 
 import json
-from typing import Literal
 
 import orjson
 import pytest
 
-from phi4_engine import hookimpl
 from phi4_engine.engine import Engine
-from phi4_engine.plugins.verifiers import Verifier
-from phi4_engine.spec.base import SpecModel
+import tests.plugins
 from tests.conftest import run_cli, write_spec
 
 pytestmark = pytest.mark.slow
 
 ARITH = {"kind": "synthetic-arithmetic", "format": "chat", "operations": [1, 1], "max_operand": 20}
-
-
-class HasThreeSpec(SpecModel):
-    kind: Literal["has-three"]
-
-
-class HasThree(Verifier):
-    name, version = "has-three", "1"
-
-    def __init__(self, spec: HasThreeSpec) -> None:
-        self.calls = 0
-
-    def verify(self, task_meta, completion) -> bool:
-        return "3" in completion
-
-
-class HasThreePlugin:
-    @hookimpl
-    def phi4_register_verifiers(self, register):
-        register("has-three", HasThreeSpec, HasThree)
 
 
 def _spec(pairs: int = 4) -> dict:
@@ -66,7 +43,7 @@ def _spec(pairs: int = 4) -> dict:
 def pivotal_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pivotal")
     spec = write_spec(tmp / "spec.json", _spec())
-    result = Engine.from_file(spec, run_dir=tmp / "run", plugins=[HasThreePlugin()]).run()
+    result = Engine.from_file(spec, run_dir=tmp / "run", plugins=[tests.plugins]).run()
     return result, tmp / "run", spec
 
 
@@ -109,7 +86,7 @@ def test_search_resumes_from_its_cache_without_new_rollouts(pivotal_run, tmp_pat
     (run_dir / "ledger.json").write_text(json.dumps(ledger))
     (run_dir / "dpo-pivotal" / "data" / "pairs.jsonl").unlink()
     first = (run_dir / "dpo-pivotal" / "data" / "pairs-report.json").read_bytes()
-    result = Engine.from_file(spec, run_dir=run_dir, plugins=[HasThreePlugin()]).run()
+    result = Engine.from_file(spec, run_dir=run_dir, plugins=[tests.plugins]).run()
     report = result.stages["dpo-pivotal"].summary["pts"]
     assert report["rollouts"] == 0 and report["rollouts_cached"] == json.loads(first)["rollouts"]
     assert report["pairs_kept"] == 4

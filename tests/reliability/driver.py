@@ -22,34 +22,10 @@ import errno
 import os
 import signal
 import sys
-from typing import Literal
 
 import torch
 
-from phi4_engine import hookimpl
-from phi4_engine.spec.base import SpecModel
-
-
-class HasDigitSpec(SpecModel):
-    kind: Literal["has-three"]
-
-
-class HasThree:
-    """A verifier a barely trained model passes sometimes: the completion contains a 3."""
-
-    name, version = "has-three", "1"
-
-    def __init__(self, spec: HasDigitSpec) -> None:
-        self.spec = spec
-
-    def verify(self, task_meta, completion) -> bool:
-        return "3" in completion
-
-
-class TestPlugin:
-    @hookimpl
-    def phi4_register_verifiers(self, register):
-        register("has-three", HasDigitSpec, HasThree)
+import tests.plugins
 
 
 def _install_plugins() -> None:
@@ -58,7 +34,7 @@ def _install_plugins() -> None:
     init = manager.PluginHost.__init__
 
     def with_test_plugin(self, extra_plugins=()):
-        init(self, (*extra_plugins, TestPlugin()))
+        init(self, (*extra_plugins, tests.plugins))
 
     manager.PluginHost.__init__ = with_test_plugin
 
