@@ -47,7 +47,16 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # keep test output clean
         pass
 
+    def _done(self) -> None:
+        """The request stops counting as in flight BEFORE its reply is written: once the client
+        has the reply it may send the next request, which must not overlap this one's count."""
+        if getattr(self, "_inflight", False):
+            self._inflight = False
+            with self.state.lock:
+                self.state.inflight -= 1
+
     def _send(self, status: int, payload: dict | str, headers: dict[str, str] | None = None) -> None:
+        self._done()
         data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -72,6 +81,7 @@ class Handler(BaseHTTPRequestHandler):
             st.bodies.append(body)
             st.inflight += 1
             st.max_inflight = max(st.max_inflight, st.inflight)
+        self._inflight = True
         try:
             if self.path != "/v1/chat/completions":
                 self._send(404, {"error": "no such path"})
@@ -113,8 +123,7 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout case)
         finally:
-            with st.lock:
-                st.inflight -= 1
+            self._done()
 
 
 @pytest.fixture(scope="module")
