@@ -357,6 +357,9 @@ class Engine:
         if stage_spec.init_from:
             previous = self._imported_start(stage_spec, stage_dir, tokenizer)
         init = previous.get("final_checkpoint")
+        factory = self.registry.get("stage", kind).factory
+        if isinstance(factory, type):  # known before anything is recorded (else once built)
+            self._check_distributed(stage_spec, factory)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         before = ledger["stages"].get(name, {})
         reshards = list(before.get("reshards", []))
@@ -395,11 +398,7 @@ class Engine:
             extra={"spec_dir": self.base_dir},
         )
         runner = self.registry.build("stage", stage_spec, ctx)
-        if ranks.world_size() > 1 and not getattr(runner, "distributed", False):
-            raise EngineError(
-                f"stage {name!r} ({kind}) runs in one process only (its stage class does not declare "
-                f"distributed = True); run it without --nproc (the stages before it can use several: --stages)"
-            )
+        self._check_distributed(stage_spec, runner)
         evaluator = Evaluator(stage_spec, self._eval_context(tokenizer), str(stage_dir))
         try:
             # every rank evaluates (the problems are dealt over the ranks); rank 0 writes
@@ -421,6 +420,14 @@ class Engine:
         rundir.write_ledger(ledger)
         self._notify("phi4_stage_end", run_dir=str(rundir.path), stage=name, stage_dir=str(stage_dir), summary=summary)
         return ledger["stages"][name]
+
+    @staticmethod
+    def _check_distributed(stage_spec: Any, runner: Any) -> None:
+        if ranks.world_size() > 1 and not getattr(runner, "distributed", False):
+            raise EngineError(
+                f"stage {stage_spec.name!r} ({stage_spec.kind}) runs in one process only (its stage class does not "
+                f"declare distributed = True); run it without --nproc (the stages before it can use several: --stages)"
+            )
 
     def _notify(self, hook_name: str, **kwargs: Any) -> None:
         """Lifecycle hooks run on rank 0 only (one set of logs per run)."""

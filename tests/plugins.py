@@ -9,6 +9,7 @@ from typing import Literal
 
 from phi4_engine import hookimpl
 from phi4_engine.spec.base import SpecModel
+from phi4_engine.stage import StageSpec
 
 
 class HasThreeSpec(SpecModel):
@@ -30,6 +31,25 @@ class HasThree:
 @hookimpl
 def phi4_register_verifiers(register):
     register("has-three", HasThreeSpec, HasThree)
+
+
+class SingleProcessSpec(StageSpec):
+    kind: Literal["single-process"]
+
+
+class SingleProcessStage:
+    """A third-party stage that does not declare ``distributed = True``."""
+
+    def __init__(self, spec: SingleProcessSpec, ctx) -> None:
+        self.ctx = ctx
+
+    def run(self) -> dict:
+        return {"steps": 0}
+
+
+@hookimpl
+def phi4_register_stages(register):
+    register("single-process", SingleProcessSpec, SingleProcessStage)
 
 
 def entry_point_path(folder: Path) -> str:

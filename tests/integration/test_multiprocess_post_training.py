@@ -95,3 +95,13 @@ def test_later_stages_build_the_same_data(runs):
         assert _read(one / path) == _read(two / path), path
     evals = [json.loads((run / "dpo-judge" / "eval.json").read_text()) for run in (one, two)]
     assert evals[0]["before"] == evals[1]["before"] and evals[0]["after"] == evals[1]["after"]
+
+
+def test_a_stage_without_distributed_support_is_refused_in_one_line(tmp_path):
+    spec = write_spec(tmp_path / "spec.json", {**_spec(), "stages": [{"kind": "single-process"}]})
+    env = {"PYTHONPATH": f"{tests.plugins.entry_point_path(tmp_path / 'plugins')}:{REPO}", "OMP_NUM_THREADS": "1"}
+    refused = run_cli("run", str(spec), "--run-dir", str(tmp_path / "run"), "--nproc", "2", env=env)
+    assert refused.returncode == 1, refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'single-process' (single-process) runs in one process only" in lines[0], lines
+    assert "single-process" not in json.loads((tmp_path / "run" / "ledger.json").read_text())["stages"]  # nothing recorded
