@@ -3,11 +3,14 @@
 ``eval.json`` in the stage folder holds ``{"before": {name: metrics}, "after": {...}}``;
 "before" is computed once (kept across resumes) from the checkpoint the stage starts from.
 The same numbers go to TensorBoard (``eval/<name>/<metric>``, tagged before/after) and the
-ledger entry of the stage.
+ledger entry of the stage. Each evaluation's result is also kept in ``<run>/eval-memo/`` under a
+key of the weights (their checkpoint manifest) and the evaluation (spec, plugin, version), so a
+stage's "before" that is the previous stage's "after" is not computed twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from dataclasses import dataclass
@@ -52,8 +55,16 @@ class Evaluator:
 
     def __init__(self, stage_spec: Any, ctx: EvalContext, stage_dir: str) -> None:
         self.path = os.path.join(stage_dir, "eval.json")
+        self.memo_dir = Path(stage_dir).parent / "eval-memo"
         self.ctx = ctx
         self.evals = [(e.name or e.kind, ctx.registry.build("evaluation", e, ctx)) for e in stage_spec.evaluations]
+        # What defines an evaluation's result besides the weights: its spec and the plugin
+        # (name, distribution, version) that registered its kind.
+        self.identities = [
+            orjson.dumps([e.model_dump(mode="json"), str(ctx.registry.get("evaluation", e.kind).origin)],
+                         option=orjson.OPT_SORT_KEYS)
+            for e in stage_spec.evaluations
+        ]  # fmt: skip
         names = [n for n, _ in self.evals]
         if len(set(names)) != len(names):
             raise EngineError(f"stage {stage_spec.name!r}: two evaluations share a name; set 'name' on one")
@@ -75,14 +86,44 @@ class Evaluator:
         saved = ranks.from_main(self.results())
         if label in saved and not force:
             return saved[label]
+        keys = self._memo_keys(weights)
+        memo = ranks.from_main({} if force else self._memo_read(keys))
         max_len = max(getattr(e, "max_seq_len", 0) for _, e in self.evals) or 1024
-        model = load_weights(weights, self.ctx.tokenizer.vocab_size, max_len)
-        out = {name: evaluation.run(model) for name, evaluation in self.evals}
+        model = None
+        out = {}
+        for (name, evaluation), key in zip(self.evals, keys):
+            if key in memo:
+                out[name] = memo[key]
+                continue
+            if model is None:
+                model = load_weights(weights, self.ctx.tokenizer.vocab_size, max_len)
+            out[name] = evaluation.run(model)
+            if key is not None and ranks.is_main():
+                atomic_write(self.memo_dir / f"{key}.json", orjson.dumps(out[name]))
         saved[label] = out
         saved.setdefault("weights", {})[label] = weights.checkpoint
         if ranks.is_main():
             atomic_write(Path(self.path), orjson.dumps(saved, option=orjson.OPT_INDENT_2))
         return out
+
+
+    def _memo_keys(self, weights: WeightsRef) -> list[str | None]:
+        """One key per evaluation: the weights (their checkpoint's manifest: the sha256 of every
+        file) and the evaluation's identity. A stage's "before" is usually the previous stage's
+        "after": the same evaluation of the same weights is computed once per run."""
+        manifest = Path(weights.checkpoint) / "manifest.json"
+        if not manifest.is_file():
+            return [None] * len(self.evals)
+        digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
+        return [hashlib.sha256(digest.encode() + identity).hexdigest()[:32] for identity in self.identities]
+
+    def _memo_read(self, keys: list[str | None]) -> dict[str, Any]:
+        found = {}
+        for key in keys:
+            path = self.memo_dir / f"{key}.json"
+            if key is not None and path.is_file():
+                found[key] = orjson.loads(path.read_bytes())
+        return found
 
 
 def log_to_tensorboard(stage_dir: str, results: dict[str, Any], step: int) -> None:

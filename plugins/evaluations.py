@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Literal
 
 from pydantic import Field
@@ -71,15 +72,25 @@ def chat_problems(source: Any, count: int, evaluation: str) -> list[tuple[list[d
     return out
 
 
+# Greedy answers per model: two evaluations of one model on the same problems (accuracy and a
+# judge's score, say) decode once. Greedy decoding of the same prompts in the same batch is
+# deterministic, so sharing changes no number.
+_ANSWERS: "weakref.WeakKeyDictionary[Any, dict[Any, list[str]]]" = weakref.WeakKeyDictionary()
+
+
 def greedy_answers(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int) -> list[str]:
     from phi4_engine.titan.generate import Generator
 
-    generator = Generator(model, eos_ids={tokenizer.im_end_id, tokenizer.eos_id}, pad_id=tokenizer.pad_id)
     prompts = [tokenizer.encode_chat(messages, add_generation_prompt=True)[0] for messages in conversations]
-    # Under --nproc each rank answers its share. Greedy decoding does not depend on the batch
-    # beyond float rounding (a near-tie between two tokens can resolve differently).
-    answers = ranks.split_work(prompts, lambda share: generator.generate(share, max_new_tokens=max_new_tokens))
-    return [tokenizer.decode(o) for o in answers]
+    memo = _ANSWERS.setdefault(model, {})
+    key = (tuple(map(tuple, prompts)), max_new_tokens)
+    if key not in memo:
+        generator = Generator(model, eos_ids={tokenizer.im_end_id, tokenizer.eos_id}, pad_id=tokenizer.pad_id)
+        # Under --nproc each rank answers its share. Greedy decoding does not depend on the batch
+        # beyond float rounding (a near-tie between two tokens can resolve differently).
+        answers = ranks.split_work(prompts, lambda share: generator.generate(share, max_new_tokens=max_new_tokens))
+        memo[key] = [tokenizer.decode(o) for o in answers]
+    return list(memo[key])
 
 
 class _GreedyChatEvaluation:

@@ -183,3 +183,29 @@ def test_load_model_from_a_trained_dcp_checkpoint(tmp_path):
     # The loaded model generates (a trained checkpoint, end to end).
     out = Generator(model, eos_ids=set(), pad_id=0).generate([[1, 2, 3], [4]], max_new_tokens=5)
     assert [len(o) for o in out] == [5, 5]
+
+
+class _Tok:
+    """Just what greedy_answers uses, within the test model's vocabulary."""
+
+    im_end_id, eos_id, pad_id = 510, 511, PAD
+
+    def encode_chat(self, messages, add_generation_prompt=True):
+        return [1 + ord(c) % 500 for m in messages for c in m["content"]], None
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def test_evaluations_of_one_model_share_their_greedy_answers(model, monkeypatch):
+    from phi4_engine.plugins.evaluations import greedy_answers
+
+    calls = []
+    real = Generator.generate
+    monkeypatch.setattr(Generator, "generate", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    chats = [[{"role": "user", "content": f"question {i}"}] for i in range(3)]
+    first = greedy_answers(model, _Tok(), chats, max_new_tokens=4)
+    again = greedy_answers(model, _Tok(), chats, max_new_tokens=4)
+    longer = greedy_answers(model, _Tok(), chats, max_new_tokens=6)
+    assert first == again and len(calls) == 2  # the second evaluation decoded nothing; another length did
+    assert all(a and b.startswith(a) for a, b in zip(first, longer))
