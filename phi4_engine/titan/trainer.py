@@ -9,10 +9,12 @@ next stage in the same process can start its own.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
 import os
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass
@@ -505,6 +507,38 @@ def attach_job(trainer: Phi4Trainer, job: LMJob) -> Phi4Trainer:
     return trainer
 
 
+def initial_weights(job: LMJob) -> torch.nn.Module:
+    """The model a fresh stage of ``job`` starts from, as one CPU process initializes it:
+    ``torch.manual_seed(seed)``, built on the meta device, materialized on CPU, initialized
+    (bit for bit the weights torchtitan gives a one-process CPU run: a test holds it)."""
+    torch.manual_seed(job.seed)
+    spec = phi4.model_spec(job.flavor, vocab_size=job.vocab_size, rope_theta=job.rope_theta, max_seq_len=job.seq_len,
+                           attention=job.attention)  # fmt: skip
+    with torch.device("meta"):
+        model = spec.model.build()
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.init_weights(buffer_device=None)
+    return model
+
+
+def seed_checkpoint(job: LMJob) -> str:
+    """``<stage>/seed-checkpoint``: the initial weights, made once by rank 0 and loaded by every
+    rank. Why: under several processes torchtitan draws each rank's shard from a DTensor RNG
+    (offsets per rank), so a fresh stage would start from other weights than with one process;
+    with the seed checkpoint a run starts from the same weights under any world size (this is
+    torchtitan's own recipe for reproducible initialization, ``create_seed_checkpoint``)."""
+    from phi4_engine.titan.generate import save_weights
+
+    folder = Path(job.dump_folder).resolve() / "seed-checkpoint"
+    if dist.get_rank() == 0 and not checkpoints.is_committed(folder):
+        if folder.exists():
+            shutil.rmtree(folder)  # torn by a kill: made again, identically
+        save_weights(initial_weights(job).state_dict(), folder)
+    dist.barrier()
+    return str(folder)
+
+
 def run_lm(job: LMJob) -> LMResult:
     with _process_group():
         return _run_lm(job)
@@ -515,6 +549,8 @@ def _run_lm(job: LMJob) -> LMResult:
     # torchtitan initializes weights on CPU; initialization is seeded and deterministic here.
     warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
     titan_logger.setLevel(logging.ERROR)
+    if job.init_weights_from is None and dist.get_world_size() > 1:
+        job = dataclasses.replace(job, init_weights_from=seed_checkpoint(job))
     config = trainer_config(job)
     config.debug.seed = job.seed
     config.debug.deterministic = True

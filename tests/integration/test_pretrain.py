@@ -97,3 +97,24 @@ def test_deleting_a_stage_folder_reruns_it_and_the_stages_after(tmp_path):
     assert list(run_dir.glob("more.invalidated-*")), "the stale folder is kept, out of the way"
     assert again.stages["more"].summary["init_weights_sha256"] == again.stages["pretrain"].summary["weights_sha256"]
     assert again.stages["pretrain"].summary["weights_sha256"] == first.stages["pretrain"].summary["weights_sha256"]
+
+
+def test_seed_checkpoint_weights_are_what_one_process_initializes(tmp_path):
+    """Under --nproc a fresh stage starts from a seed checkpoint made by rank 0 with
+    ``initial_weights``; it must hold the weights torchtitan initializes in one CPU process."""
+    from phi4_engine.titan import trainer as titan_trainer
+    from phi4_engine.tokenizer import build_phi4_mini
+
+    tok = build_phi4_mini(vocab_ranks=2048)
+    job = titan_trainer.LMJob(dump_folder=str(tmp_path), flavor="debug", vocab_size=tok.vocab_size, rope_theta=10000.0,
+                              seq_len=64, steps=1, batch_size=4, lr=1e-3, make_loader=lambda *a: iter([]), tokenizer=tok,
+                              seed=3)  # fmt: skip
+    with titan_trainer._process_group():
+        config = titan_trainer.trainer_config(job)
+        config.debug.seed, config.debug.deterministic = job.seed, True
+        trainer = titan_trainer.Phi4Trainer(config)
+        try:
+            initialized = titan_trainer.weights_sha256(trainer.model_parts[0])
+        finally:
+            trainer.close()
+    assert titan_trainer.weights_sha256(titan_trainer.initial_weights(job)) == initialized
