@@ -48,9 +48,10 @@ class HeldoutLoss:
         import torch  # plugins load with every CLI call; torch only when evaluating
 
         out = {}
+        device = next(model.parameters()).device  # a GPU when there is one (load_model)
         for length in self.spec.lengths:
             stream = self._stream(self.spec.sequences * (length + 1))
-            chunks = torch.tensor(stream[: self.spec.sequences * (length + 1)]).view(self.spec.sequences, length + 1)
+            chunks = torch.tensor(stream[: self.spec.sequences * (length + 1)], device=device).view(self.spec.sequences, length + 1)
             losses = []
             for row in chunks:
                 with torch.no_grad():

@@ -392,7 +392,8 @@ def compute_reference_logps(
         for start in starts:
             chunk = pairs[start : start + batch_size]
             batch = encode_pairs(chunk, seq_len, pad_id)
-            logp = sequence_logps(model, batch["input"], batch["loss_mask"]).tolist()
+            device = next(model.parameters()).device  # a GPU when there is one (load_model)
+            logp = sequence_logps(model, batch["input"].to(device), batch["loss_mask"].to(device)).tolist()
             done.append(list(zip(logp[: len(chunk)], logp[len(chunk) :])))
         return done
 

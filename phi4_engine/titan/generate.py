@@ -122,7 +122,9 @@ def load_model(
     rope_theta: float,
     max_seq_len: int,
 ) -> nn.Module:
-    """Build the Phi-4 model on CPU in fp32 and load a DCP checkpoint's model weights.
+    """Build the Phi-4 model on CPU in fp32, load a DCP checkpoint's model weights, and move it
+    to this process's GPU when there is one (under torchrun: the rank's ``LOCAL_RANK`` device,
+    set by ``ranks.launched_group``); generation and evaluation run where the model is.
 
     ``max_seq_len`` sizes the RoPE table (not stored in checkpoints), i.e. the longest
     prompt + generation the model may run; it need not equal the training ``seq_len``.
@@ -135,6 +137,8 @@ def load_model(
     # Built in fp32 already. Never ``model.to(torch.float32)``: Module.to casts complex buffers
     # too, which would drop the imaginary half of the RoPE table (a silent wrong model).
     load_model_weights(model, checkpoint_dir)
+    if torch.cuda.is_available():
+        model = model.to(torch.device("cuda", torch.cuda.current_device()))  # a device move keeps dtypes
     return model.eval()
 
 
