@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+_START_PYTHONPATH = os.environ.get("PYTHONPATH")
 SPECS = REPO / "specs"
 
 
@@ -39,7 +40,14 @@ def _quiet_progress(monkeypatch):
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``phi4-engine`` as a user would, in a subprocess."""
+    """Run ``phi4-engine`` as a user would, in its own process: forked from the session's fork
+    server (torch and the engine imported once: a run costs a fork, not seconds of imports), or
+    a fresh interpreter when PYTHONPATH differs from this process's start (the fork server's
+    ``sys.path`` is this process's; a plugin put on PYTHONPATH needs a new interpreter)."""
+    if {**os.environ, **(env or {})}.get("PYTHONPATH") == _START_PYTHONPATH:
+        from tests.reliability.conftest import Run
+
+        return Run(list(args), dict(env or {}), plugins=False, cwd=str(cwd) if cwd else None).finish(timeout)
     full_env = {**os.environ, "PHI4_ENGINE_PROGRESS": "0", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "phi4_engine.cli", *args],

@@ -71,13 +71,14 @@ def fork_server() -> multiprocessing.context.ForkServerContext:
 class Run:
     """A driver run in a forked process; ``finish()`` gives a CompletedProcess."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], *, plugins: bool = True, cwd: str | None = None) -> None:
         from tests.reliability.driver import forked_main
 
         out = tempfile.mkdtemp(prefix="phi4-run-")
         self.stdout, self.stderr, self.args = os.path.join(out, "stdout"), os.path.join(out, "stderr"), args
         env = {"PHI4_ENGINE_PROGRESS": "0", "OMP_NUM_THREADS": "1", **env}
-        self.process = fork_server().Process(target=forked_main, args=(args, env, self.stdout, self.stderr))
+        self.process = fork_server().Process(target=forked_main, args=(args, env, self.stdout, self.stderr),
+                                             kwargs={"plugins": plugins, "cwd": cwd})  # fmt: skip
         self.process.start()
 
     def kill(self) -> None:

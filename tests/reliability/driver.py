@@ -111,18 +111,32 @@ def main(argv: list[str]) -> int:
     return cli_main(argv)
 
 
-def forked_main(argv: list[str], env: dict[str, str], stdout: str, stderr: str) -> None:
+def forked_main(argv: list[str], env: dict[str, str], stdout: str, stderr: str, *, plugins: bool = True,
+                cwd: str | None = None) -> None:  # fmt: skip
     """Entry point of a process forked from the test's fork server (modules already imported,
-    no torch thread started): the CLI with this process's own environment and output files."""
+    no torch thread started): the CLI with this process's own environment, working directory
+    and output files; with the test plugins and faults (``main``) or as a user runs it."""
     import traceback
 
+    from phi4_engine import cli
+
     os.environ.update(env)
+    if cwd is not None:
+        os.chdir(cwd)
     for fd, path in ((1, stdout), (2, stderr)):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(target, fd)
         os.close(target)
     try:
-        code = main(argv)
+        if plugins:
+            code = main(argv)
+        else:
+            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+            code = cli.main(argv)
+    except SystemExit as exc:  # argparse: usage errors exit 2, --help exits 0
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, (int, type(None))):
+            print(exc.code, file=sys.stderr)
     except BaseException:
         traceback.print_exc()
         code = 1
