@@ -21,9 +21,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/phi4-engine run specs/tiny.json --run-dir runs/demo
 
-# Two workers: the tiny pipeline (~11 min) in one, every other test in the other (tests/conftest.py).
+# Two workers, whole files each, in the order tests/conftest.py gives: the tiny pipeline (~11 min)
+# first in one, the slow files next in the other, then the rest.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: setup
 	$(PY) bench/step_overhead.py

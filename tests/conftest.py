@@ -16,15 +16,22 @@ SPECS = REPO / "specs"
 
 
 # CI runs the suite in two pytest-xdist workers, one file at a time each (``make test``: ``-n 2
-# --dist loadfile``): the tiny pipeline (one module, ~11 minutes, both cores when alone) starts
-# first in one worker while the other takes everything else. Tests then run on one intra-op thread each, so the two workers do not fight over the two
-# cores; the pipeline module raises its own thread count back (its fixture).
+# --dist loadfile --no-loadscope-reorder``, so xdist keeps this order instead of putting the files
+# with the most tests first): the tiny pipeline (one module, ~11 minutes alone, both cores) starts
+# first in one worker; the other worker takes the slow files next, then the rest, each worker
+# pulling the next file when it is done, so both end close together. Tests run on one intra-op
+# thread each, so the two workers do not fight over the two cores; the pipeline module raises
+# its own thread count back (its fixture).
 PIPELINE_MODULE = "tests/integration/test_tiny_pipeline.py"
 
 
 def pytest_collection_modifyitems(config, items):
-    # --dist loadfile hands out whole files in collection order: the longest one goes first.
-    items.sort(key=lambda item: item.nodeid.split("::")[0] != PIPELINE_MODULE)  # stable sort
+    # --dist loadfile hands out whole files in collection order: the longest ones go first.
+    def module(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    slow = {module(item) for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: (module(item) != PIPELINE_MODULE, module(item) not in slow))  # stable: files stay whole
 
 
 def pytest_configure(config):

@@ -38,6 +38,8 @@ def _spec() -> dict:
     stages["refusal"]["dpo"]["batch_size"] = 2
     stages["refusal"]["sft"]["batch_size"] = 4
     spec["parallelism"] = {"kind": "fsdp2"}
+    # Last, a third-party stage without `distributed = True`: one process runs it, two refuse it.
+    spec["stages"].append({"kind": "single-process"})
     return spec
 
 
@@ -56,7 +58,7 @@ def runs(tmp_path_factory):
     one = run_cli("run", str(spec), "--run-dir", str(tmp / "one"), env=env)
     assert one.returncode == 0, one.stderr
     two = run_cli("run", str(spec), "--run-dir", str(tmp / "two"), "--nproc", "2", env=env)
-    assert two.returncode == 0, two.stderr
+    assert two.returncode == 1, two.stderr  # the last stage is refused (test below)
     return tmp / "one", tmp / "two", two
 
 
@@ -97,11 +99,10 @@ def test_later_stages_build_the_same_data(runs):
     assert evals[0]["before"] == evals[1]["before"] and evals[0]["after"] == evals[1]["after"]
 
 
-def test_a_stage_without_distributed_support_is_refused_in_one_line(tmp_path):
-    spec = write_spec(tmp_path / "spec.json", {**_spec(), "stages": [{"kind": "single-process"}]})
-    env = {"PYTHONPATH": f"{tests.plugins.entry_point_path(tmp_path / 'plugins')}:{REPO}", "OMP_NUM_THREADS": "1"}
-    refused = run_cli("run", str(spec), "--run-dir", str(tmp_path / "run"), "--nproc", "2", env=env)
-    assert refused.returncode == 1, refused.stderr
-    lines = refused.stderr.strip().splitlines()
-    assert len(lines) == 1 and "'single-process' (single-process) runs in one process only" in lines[0], lines
-    assert "single-process" not in json.loads((tmp_path / "run" / "ledger.json").read_text())["stages"]  # nothing recorded
+def test_a_stage_without_distributed_support_is_refused_in_one_line(runs):
+    one, two, result = runs
+    assert ledger(one)["stages"]["single-process"]["status"] == "done"
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "'single-process' (single-process) runs in one process only" in errors[0], errors
+    assert "Traceback" not in result.stderr
+    assert "single-process" not in ledger(two)["stages"]  # refused before anything was recorded
