@@ -122,23 +122,24 @@ def load_model(
     rope_theta: float,
     max_seq_len: int,
 ) -> nn.Module:
-    """Build the Phi-4 model on CPU in fp32, load a DCP checkpoint's model weights, and move it
-    to this process's GPU when there is one (under torchrun: the rank's ``LOCAL_RANK`` device,
-    set by ``ranks.launched_group``); generation and evaluation run where the model is.
+    """Build the Phi-4 model in fp32 on this process's GPU when there is one (under torchrun:
+    the rank's ``LOCAL_RANK`` device, set by ``ranks.launched_group``), else on CPU, and load a
+    DCP checkpoint's model weights; generation and evaluation run where the model is. Built
+    there directly: under --nproc every rank loads the policy, and a CPU copy per rank would
+    multiply host memory by the number of ranks.
 
     ``max_seq_len`` sizes the RoPE table (not stored in checkpoints), i.e. the longest
     prompt + generation the model may run; it need not equal the training ``seq_len``.
     """
     spec = phi4.model_spec(flavor, vocab_size=vocab_size, rope_theta=rope_theta, max_seq_len=max_seq_len)
-    with torch.device("cpu"):
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    with device:
         model = spec.model.build()
     with torch.no_grad():
         model.init_states()
     # Built in fp32 already. Never ``model.to(torch.float32)``: Module.to casts complex buffers
     # too, which would drop the imaginary half of the RoPE table (a silent wrong model).
     load_model_weights(model, checkpoint_dir)
-    if torch.cuda.is_available():
-        model = model.to(torch.device("cuda", torch.cuda.current_device()))  # a device move keeps dtypes
     return model.eval()
 
 
