@@ -106,7 +106,6 @@ class Evaluator:
             atomic_write(Path(self.path), orjson.dumps(saved, option=orjson.OPT_INDENT_2))
         return out
 
-
     def _memo_keys(self, weights: WeightsRef) -> list[str | None]:
         """One key per evaluation: the weights (their checkpoint's manifest: the sha256 of every
         file) and the evaluation's identity. A stage's "before" is usually the previous stage's
@@ -118,12 +117,8 @@ class Evaluator:
         return [hashlib.sha256(digest.encode() + identity).hexdigest()[:32] for identity in self.identities]
 
     def _memo_read(self, keys: list[str | None]) -> dict[str, Any]:
-        found = {}
-        for key in keys:
-            path = self.memo_dir / f"{key}.json"
-            if key is not None and path.is_file():
-                found[key] = orjson.loads(path.read_bytes())
-        return found
+        paths = {key: self.memo_dir / f"{key}.json" for key in keys if key is not None}
+        return {key: orjson.loads(path.read_bytes()) for key, path in paths.items() if path.is_file()}
 
 
 def log_to_tensorboard(stage_dir: str, results: dict[str, Any], step: int) -> None:

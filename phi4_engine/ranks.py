@@ -34,11 +34,10 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
-    if world_size() > 1:
+    if _group_ready():
         import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.barrier()
+        dist.barrier()
 
 
 @contextlib.contextmanager

@@ -49,7 +49,6 @@ class AppendLog:
     def __init__(self, path: str | os.PathLike[str], *, write: bool = True) -> None:
         self.path = Path(path)
         self.records: list[Any] = []
-        self.write = write
         if write:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():

@@ -387,12 +387,13 @@ def compute_reference_logps(
     """
     model = load_model(checkpoint, flavor=flavor, vocab_size=vocab_size, rope_theta=rope_theta, max_seq_len=seq_len)
 
+    device = next(model.parameters()).device  # a GPU when there is one (load_model)
+
     def score(starts: list[int]) -> list[list[tuple[float, float]]]:
         done = []
         for start in starts:
             chunk = pairs[start : start + batch_size]
             batch = encode_pairs(chunk, seq_len, pad_id)
-            device = next(model.parameters()).device  # a GPU when there is one (load_model)
             logp = sequence_logps(model, batch["input"].to(device), batch["loss_mask"].to(device)).tolist()
             done.append(list(zip(logp[: len(chunk)], logp[len(chunk) :])))
         return done
@@ -442,7 +443,6 @@ def _gather_vocab_on(model: nn.Module, group: Any) -> None:
         return out if out.shape[-1] == vocab else _GatherVocab.apply(out, group)
 
     lm_head.register_forward_hook(whole)
-
 
 
 class Phi4DPOTrainer(Phi4Trainer):
