@@ -412,9 +412,15 @@ class Engine:
                 if ranks.is_main():
                     log_to_tensorboard(str(stage_dir), summary["eval"], summary.get("steps", 0))
             ranks.barrier()
-        except BaseException:
+        except BaseException as exc:
             ledger["stages"][name].update(status="failed", finished=now())
-            rundir.write_ledger(ledger)
+            try:
+                rundir.write_ledger(ledger)
+            except OSError as unwritable:  # e.g. the disk that just filled up: keep the first error
+                if not isinstance(exc, EngineError):
+                    raise
+                exc.args = (f"{exc} (the ledger could not record the failure: {unwritable.strerror}; it still "
+                            "says running, and a rerun resumes the stage as after a kill)", *exc.args[1:])  # fmt: skip
             raise
         ledger["stages"][name].update(status="done", finished=now(), **summary)
         rundir.write_ledger(ledger)

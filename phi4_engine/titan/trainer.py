@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import logging
 import math
@@ -275,11 +276,16 @@ class Phi4Trainer(Trainer):
             return saved
         except (Exception, DcpCheckpointException) as exc:  # DCP's is a BaseException
             cause = _root_cause(exc)
-            committed = [s for s, p in checkpoints.step_dirs(self.checkpointer.folder).items() if checkpoints.is_committed(p)]
-            resume = f"step-{committed[-1]}" if committed else "the stage's start"
+            # DCP raises on every rank once all writes have ended. The torn folder has no manifest
+            # and can never be loaded; on a full disk its shards hold the space that the ledger
+            # and the error report need, so it goes (kept torn folders are a kill's, not this).
+            if dist.get_rank() == 0:
+                shutil.rmtree(path, ignore_errors=True)
+            committed = [p for p in checkpoints.step_dirs(self.checkpointer.folder).values() if checkpoints.is_committed(p)]
+            resume = committed[-1].name if committed else "the stage's start"
             raise CheckpointError(
-                f"could not write checkpoint {path}: {type(cause).__name__}: {cause}; nothing was marked "
-                f"complete, a rerun resumes from {resume} once the cause is fixed"
+                f"could not write checkpoint {path}: {type(cause).__name__}: {cause}{_disk_full(cause, committed)}; "
+                f"nothing was marked complete, a rerun resumes from {resume} once the cause is fixed"
             ) from exc
 
     def _my_share(self, files: list[str]) -> list[str]:
@@ -391,6 +397,18 @@ def _root_cause(exc: BaseException) -> BaseException:
         cause = next(iter(failures.values())) if failures else cause.__cause__
         cause = cause[0] if isinstance(cause, tuple) else cause  # (exception, traceback summary)
     return cause
+
+
+def _disk_full(cause: BaseException, committed: list[Path]) -> str:
+    """`` (the disk is full: …)`` when it is: torch's serializer reports a short write as
+    "unexpected pos", not ENOSPC, so the free space is compared with the last checkpoint's size."""
+    if not committed:
+        return " (the disk is full)" if getattr(cause, "errno", None) == errno.ENOSPC else ""
+    free = shutil.disk_usage(committed[-1]).free
+    needed = sum(f.stat().st_size for f in committed[-1].rglob("*") if f.is_file())
+    if getattr(cause, "errno", None) != errno.ENOSPC and free >= needed:
+        return ""
+    return f" (the disk is full: {free / 1e6:.1f} MB free, the last checkpoint took {needed / 1e6:.1f} MB)"
 
 
 def _json_float(value: float) -> float | str:

@@ -8,20 +8,27 @@
   the sha256 manifest before loading; the run refuses, or falls back when the spec says so;
 * a NaN loss or an inf gradient → stops before the optimizer step with exit code 4 and a
   diagnostic naming step and batch; the last checkpoint resumes;
-* disk full while saving → exit code 5 naming the folder and the cause; nothing marked complete.
+* disk full while saving (injected, and for real on a small tmpfs) → exit code 5 naming the folder
+  and the cause; nothing marked complete; with room made, the same command finishes the run.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 from pathlib import Path
+from typing import Literal
 
 import orjson
 import pytest
 import torch
 
-from phi4_engine import checkpoints
+from phi4_engine import checkpoints, hookimpl
+from phi4_engine.engine import Engine
 from phi4_engine.errors import CheckpointError
+from phi4_engine.rundir import RunDir
+from phi4_engine.stage import StageSpec
 from phi4_engine.titan.generate import load_model_weights, save_weights
 from phi4_engine.titan.phi4 import model_spec
 from tests.conftest import tiny_pretrain_spec, write_spec
@@ -126,6 +133,7 @@ def test_disk_full_then_an_inf_gradient(tmp_path, straight):
     assert full.returncode == 5, full.stderr
     message = full.stderr.strip().splitlines()[-1]
     assert "could not write checkpoint" in message and "step-6" in message and "No space left on device" in message
+    assert "(the disk is full: " in message
     assert "resumes from step-4" in message
     assert not (run / "pretrain" / "checkpoints" / "step-6" / "manifest.json").exists()
 
@@ -207,3 +215,100 @@ def test_an_inf_gradient_on_one_rank_stops_every_rank(tmp_path):
     assert all(o.startswith("stopped: non-finite loss or gradient at step 5") for o in outcomes), outcomes
     record = orjson.loads((tmp_path / "nonfinite.json").read_bytes())
     assert [r["nonfinite_grads"] for r in record["ranks"]] == [[], ["weight"]]  # rank 1 named, by rank
+
+
+# -- a real full disk: the run directory on a tmpfs too small for the whole run ------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path, straight):
+    """A tmpfs mounted for the test, sized from the uninterrupted run so that checkpoint step-6
+    cannot fit: everything the run writes up to step-4's checkpoint, plus half a checkpoint.
+    Yields (mount point, bytes to grow by to fit the whole run)."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a size-limited tmpfs needs root (CI and the dev container run as root)")
+    page = 4096
+    pages = lambda p: -(-p.stat().st_size // page) * page  # noqa: E731 (tmpfs allocates whole pages)
+    ckpts = straight / "pretrain" / "checkpoints"
+    others = sum(pages(p) for p in straight.rglob("*") if p.is_file() and ckpts not in p.parents)
+    per_ckpt = {d.name: sum(pages(p) for p in d.rglob("*") if p.is_file()) for d in ckpts.iterdir()}
+    size = others + per_ckpt["step-2"] + per_ckpt["step-4"] + per_ckpt["step-6"] // 2
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount, sum(per_ckpt.values()) + others
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_really_full_disk(tmp_path, small_disk, straight):
+    """No injection: the kernel says ENOSPC. One line naming the folder (exit 5), no half
+    checkpoint marked complete, the ledger still written; once there is room the same command
+    finishes exactly like the uninterrupted run."""
+    import subprocess
+
+    mount, whole = small_disk
+    spec, run = _spec(tmp_path), mount / "run"
+    full = run_driver("run", str(spec), "--run-dir", str(run))
+    assert full.returncode == 5, full.stderr
+    lines = full.stderr.strip().splitlines()
+    assert len(lines) == 1, full.stderr  # no traceback
+    # torch's serializer reports the short write as "unexpected pos"; the engine says what it means
+    assert "could not write checkpoint" in lines[0] and "(the disk is full: " in lines[0], lines[0]
+    assert ledger(run)["stages"]["pretrain"]["status"] == "failed"
+    ckpts = run / "pretrain" / "checkpoints"
+    complete = sorted(p.name for p in ckpts.iterdir() if (p / "manifest.json").exists())
+    assert complete and all(checkpoints.problems(ckpts / name) == [] for name in complete)
+    assert f"resumes from {complete[-1]}" in lines[0]
+
+    subprocess.run(["mount", "-o", f"remount,size={whole * 2}", str(mount)], check=True)  # room made
+    again = run_driver("run", str(spec), "--run-dir", str(run))
+    assert again.returncode == 0, again.stderr
+    _assert_same_run(run, straight)
+
+
+class _FullDiskSpec(StageSpec):
+    kind: Literal["full-disk"]
+
+
+class _FullDiskStage:
+    """A stage whose checkpoint write failed (what ``_save`` raises on a full disk)."""
+
+    def __init__(self, spec: _FullDiskSpec, ctx) -> None:
+        pass
+
+    def run(self) -> dict:
+        raise CheckpointError("could not write checkpoint step-6: OSError: no space")
+
+
+class _FullDiskPlugin:
+    __name__ = "full-disk-stage"
+
+    @hookimpl
+    def phi4_register_stages(self, register):
+        register("full-disk", _FullDiskSpec, _FullDiskStage)
+
+
+def test_a_failure_the_ledger_cannot_record_keeps_its_own_message(tmp_path, monkeypatch):
+    """When even the ledger cannot be written (the disk is still full), the user gets the first
+    error, told that the ledger still says running (a rerun resumes the stage as after a kill)."""
+    write_ledger = RunDir.write_ledger
+
+    def full_when_failing(self, ledger):
+        if any(entry.get("status") == "failed" for entry in ledger["stages"].values()):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write_ledger(self, ledger)
+
+    monkeypatch.setattr(RunDir, "write_ledger", full_when_failing)
+    spec = {"version": 1, "name": "full", "seed": 0, "model": {"flavor": "debug"},
+            "tokenizer": {"kind": "phi4-mini", "vocab_ranks": 2048}, "stages": [{"kind": "full-disk", "name": "s"}]}  # fmt: skip
+    with pytest.raises(CheckpointError) as raised:
+        Engine(spec, plugins=[_FullDiskPlugin()], run_dir=tmp_path / "run").run()
+    assert str(raised.value) == (
+        "could not write checkpoint step-6: OSError: no space (the ledger could not record the failure: No "
+        "space left on device; it still says running, and a rerun resumes the stage as after a kill)"
+    )
+    assert ledger(tmp_path / "run")["stages"]["s"]["status"] == "running"
