@@ -89,24 +89,55 @@ def test_generate_from_the_finished_run(tiny_run):
     assert "<|im_end|>" not in first[0]
 
 
-def test_dpo_pivotal_keeps_arithmetic_accuracy(tiny_run):
-    _, result, run_dir = tiny_run
+# The DPO rounds are small effects on a 5M-parameter model, within the evaluations' noise (an
+# accuracy over 200 problems has a standard error of about 0.035) and they move with the CPU's
+# kernels: measured 0.42 -> 0.42 accuracy and judge mean 3.46 -> 3.47 on one Xeon, 0.42 -> 0.40
+# and 3.46 -> 3.42 on an AVX-512/AMX one. What holds on any machine: each DPO stage learned its
+# pairs (the trained policy prefers the chosen response over the reference model's preference:
+# measured mean margin 0.60 / 0.16 nats, positive on 83% / 76% of the pivotal / judge pairs) and
+# the model keeps its quality within that noise.
+ACCURACY_NOISE, JUDGE_NOISE = 0.05, 0.1
+
+
+def _learned_its_pairs(engine, result, run_dir, stage):
+    import orjson
+
+    from phi4_engine.preference import preference_pairs
+    from phi4_engine.titan.dpo import compute_reference_logps
+
+    folder = run_dir / stage / "data"
+    pairs = preference_pairs([orjson.loads(line) for line in (folder / "pairs.jsonl").read_bytes().splitlines()])
+    (cached,) = folder.glob("ref-logps-*.json")
+    reference = orjson.loads(cached.read_bytes())["logps"]
+    model = json.loads((run_dir / stage / "model.json").read_text())
+    pad_id = engine.registry.build("tokenizer", engine.validate().tokenizer).pad_id
+    policy = compute_reference_logps(
+        result.stages[stage].summary["final_checkpoint"], pairs, flavor=model["flavor"], vocab_size=model["vocab_size"],
+        rope_theta=model["rope_theta"], seq_len=model["seq_len"], pad_id=pad_id,
+    )  # fmt: skip
+    margins = [(pc - rc) - (pr - rr) for (pc, pr), (rc, rr) in zip(policy, reference)]
+    mean, positive = sum(margins) / len(margins), sum(m > 0 for m in margins) / len(margins)
+    assert mean > 0 and positive > 0.6, (stage, mean, positive)
+
+
+def test_dpo_pivotal_learns_its_pairs_and_keeps_arithmetic_accuracy(tiny_run):
+    engine, result, run_dir = tiny_run
     evals = _eval(run_dir, "dpo-pivotal")
     assert evals["weights"]["before"] == result.stages["sft"].summary["final_checkpoint"]  # "before" = the sft model
-    # Measured: 0.42 -> 0.42 on 200 held-out problems (64 pairs from 64-rollout estimates; with
-    # 16 rollouts the p estimates are noise-level and 256 pairs cost 10 points, see issue #6).
-    assert evals["after"]["arithmetic"]["accuracy"] >= evals["before"]["arithmetic"]["accuracy"]
+    _learned_its_pairs(engine, result, run_dir, "dpo-pivotal")
+    before, after = evals["before"]["arithmetic"]["accuracy"], evals["after"]["arithmetic"]["accuracy"]
+    assert after >= before - ACCURACY_NOISE, (before, after)
     pairs = (run_dir / "dpo-pivotal" / "data" / "pairs.jsonl").read_text().splitlines()
     assert pairs and result.stages["dpo-pivotal"].summary["pts"]["pivotal_tokens"] >= len(pairs)
 
 
-def test_dpo_judge_raises_the_judge_score_over_sft(tiny_run):
-    _, _, run_dir = tiny_run
-    sft_score = _eval(run_dir, "dpo-pivotal")["before"]["judged"]["mean"]  # the sft model, same evaluation
-    after = _eval(run_dir, "dpo-judge")["after"]["judged"]
-    # Measured: 3.460 (sft) -> 3.460 (dpo-pivotal) -> 3.473 (dpo-judge), 200 problems.
-    assert after["mean"] > sft_score, (sft_score, after)
-    assert after["failed"] == 0
+def test_dpo_judge_learns_its_pairs_and_keeps_the_judge_score(tiny_run):
+    engine, result, run_dir = tiny_run
+    _learned_its_pairs(engine, result, run_dir, "dpo-judge")
+    evals = _eval(run_dir, "dpo-judge")
+    before, after = evals["before"]["judged"], evals["after"]["judged"]
+    assert after["mean"] >= before["mean"] - JUDGE_NOISE, (before, after)
+    assert after["failed"] == 0 and after["judged"] == 200
 
 
 def test_refusal_declines_bogus_questions_and_keeps_answering(tiny_run):
