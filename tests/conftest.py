@@ -15,13 +15,13 @@ _START_PYTHONPATH = os.environ.get("PYTHONPATH")
 SPECS = REPO / "specs"
 
 
-# CI runs the suite in two pytest-xdist workers, one file at a time each (``make test``: ``-n 2
-# --dist loadfile --no-loadscope-reorder``, so xdist keeps this order instead of putting the files
-# with the most tests first): the tiny pipeline (one module, ~11 minutes alone, both cores) starts
-# first in one worker; the other worker takes the slow files next, then the rest, each worker
-# pulling the next file when it is done, so both end close together. Tests run on one intra-op
-# thread each, so the two workers do not fight over the two cores; the pipeline module raises
-# its own thread count back (its fixture).
+# ``make test`` runs the tiny pipeline (one module, ~6-12 minutes depending on the CPU) alone on
+# both cores, then the rest in two pytest-xdist workers, one file at a time each (``-n 2 --dist
+# loadfile --no-loadscope-reorder``, so xdist keeps this order instead of putting the files with
+# the most tests first): the slow files first, then the rest, each worker pulling the next file
+# when it is done, so both end close together. Tests in a worker run on one intra-op thread, so
+# the two workers do not fight over the two cores. A plain ``pytest -n 2`` over everything starts
+# the pipeline first (its fixture raises its thread count back to two).
 PIPELINE_MODULE = "tests/integration/test_tiny_pipeline.py"
 
 
