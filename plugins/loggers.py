@@ -29,7 +29,11 @@ class _StageLoggers:
         if settings.get("tensorboard", True):
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(stage_dir, "tb"), purge_step=start + 1 if start else None)
+            tb_dir = os.path.join(stage_dir, "tb")
+            # A stage restarting from step 0 (stopped before its first checkpoint) purges too:
+            # its earlier attempt's steps are in the event files already.
+            earlier = start > 0 or (os.path.isdir(tb_dir) and bool(os.listdir(tb_dir)))
+            self.tb = SummaryWriter(tb_dir, purge_step=start + 1 if earlier else None)
         if settings.get("jsonl", True):
             path = os.path.join(stage_dir, "metrics.jsonl")
             _truncate_after(path, start)

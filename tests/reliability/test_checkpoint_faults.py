@@ -150,6 +150,22 @@ def test_disk_full_then_an_inf_gradient(tmp_path, straight):
     _assert_same_run(run, straight)
 
 
+def test_a_fault_before_the_first_checkpoint_restarts_the_stage_cleanly(tmp_path, straight):
+    """Stopped at step 1, before any checkpoint: the rerun starts the stage over, and the first
+    attempt's step leaves no trace (metrics, TensorBoard) — found by bench/faults.py."""
+    spec, run = _spec(tmp_path), tmp_path / "run"
+    stopped = run_driver("run", str(spec), "--run-dir", str(run), PHI4_TEST_FAULT="nan-loss:2")
+    assert stopped.returncode == 4, stopped.stderr
+    assert record_steps(run) == [1]
+    again = run_driver("run", str(spec), "--run-dir", str(run))
+    assert again.returncode == 0, again.stderr
+    _assert_same_run(run, straight)
+
+
+def record_steps(run: Path) -> list[int]:
+    return [r["step"] for r in metrics(run / "pretrain")]
+
+
 # -- the manifest itself, on a small committed checkpoint (no training) -------------------------
 
 
