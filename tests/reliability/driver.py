@@ -11,7 +11,8 @@ when set, else of any stage):
 * ``kill-before-commit`` SIGKILL after ``.metadata``, before the engine's manifest;
 * ``nan-loss``           the loss and one gradient become NaN at STEP;
 * ``inf-grad``           one gradient element becomes inf at STEP (the loss stays finite);
-* ``enospc``             writing checkpoint step-STEP fails with ENOSPC (disk full).
+* ``enospc``             writing checkpoint step-STEP fails with ENOSPC (disk full);
+* ``hook-raise``         a plugin raises in ``phi4_step_end`` at STEP (a broken dashboard plugin).
 
 Only this file reaches into the engine's internals; the tests read files and exit codes.
 """
@@ -95,6 +96,25 @@ def _install_fault(kind: str, step: int) -> None:
             return stop(self)
 
         trainer.Phi4Trainer._stop_if_nonfinite = poisoned
+    elif kind == "hook-raise":
+        import phi4_engine.manager as manager
+        from phi4_engine import hookimpl
+
+        class Dashboard:
+            __name__ = "faulty-dashboard"
+
+            @hookimpl
+            def phi4_step_end(self, stage, stage_dir, step):
+                if step == at_step and _stage_matches(stage_dir + "/checkpoints/"):
+                    raise ConnectionError("dashboard unreachable")
+
+        at_step = step
+        init = manager.PluginHost.__init__
+
+        def with_dashboard(self, extra_plugins=()):
+            init(self, (*extra_plugins, Dashboard()))
+
+        manager.PluginHost.__init__ = with_dashboard
     else:
         raise SystemExit(f"driver: unknown fault {kind!r}")
 
