@@ -1,7 +1,7 @@
 """The shipped specs/tiny.json, run once through all six stages, then checked.
 
-One run serves every assertion here (about 14.5 minutes on 2 CPU cores): it is the embedded
-default exactly as a user runs it (`make demo`).
+One run serves every assertion here (6 to 12 minutes on 2 CPU cores, by the CPU): it is the
+embedded default exactly as a user runs it (`make demo`); `make test` runs it alone first.
 """
 
 from __future__ import annotations
