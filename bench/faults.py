@@ -238,7 +238,7 @@ def main() -> None:
                 print(f"  {fault:<20} {result['where']:<40} {flags} {result['seconds']:.1f}s"
                       + (f" {result['error']}" if result["error"] else ""), flush=True)  # fmt: skip
     rows = []
-    print(f"\n| fault injected | runs tried | detected as promised | runs recovered | data lost | time vs uninterrupted |")
+    print("\n| fault injected | runs tried | detected as promised | runs recovered | data lost | time vs uninterrupted |")
     print("|---|---|---|---|---|---|")
     for fault in faults:
         mine = [r for r in results if r["fault"] == fault]
