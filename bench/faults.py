@@ -42,11 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.conftest import write_spec  # noqa: E402
 from tests.reliability.conftest import (  # noqa: E402
-    Run,
     committed,
     ledger,
     metrics,
     run_driver,
+    run_until_killed,
     six_stage_spec,
     tensorboard_steps,
 )
@@ -81,15 +81,11 @@ def timed(args: list[str], **env: str) -> tuple[int, str, float]:
     return done.returncode, done.stderr, time.perf_counter() - start
 
 
-def killed_when(args: list[str], trigger: Callable[[], bool], timeout: float = 600) -> tuple[int, float]:
+def killed_when(args: list[str], trigger: Callable[[], bool]) -> tuple[int, float]:
     """Run until ``trigger()`` holds, then SIGKILL; (exit code, seconds)."""
     start = time.perf_counter()
-    run = Run(args, {})
-    while not trigger() and run.process.is_alive() and time.perf_counter() - start < timeout:
-        time.sleep(0.005)
-    if run.process.is_alive():
-        run.kill()
-    return run.finish().returncode, time.perf_counter() - start
+    outcome = run_until_killed(args, trigger, rng=random.Random(0), max_delay=0.0)
+    return (-9 if outcome == "killed" else 0), time.perf_counter() - start
 
 
 def digest_tree(folder: Path) -> str:

@@ -401,12 +401,14 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 def _disk_full(cause: BaseException, committed: list[Path]) -> str:
     """`` (the disk is full: …)`` when it is: torch's serializer reports a short write as
-    "unexpected pos", not ENOSPC, so the free space is compared with the last checkpoint's size."""
+    "unexpected pos", not ENOSPC, so the free space is also compared with the last committed
+    checkpoint's size (from its manifest)."""
+    enospc = getattr(cause, "errno", None) == errno.ENOSPC
     if not committed:
-        return " (the disk is full)" if getattr(cause, "errno", None) == errno.ENOSPC else ""
+        return " (the disk is full)" if enospc else ""
     free = shutil.disk_usage(committed[-1]).free
-    needed = sum(f.stat().st_size for f in committed[-1].rglob("*") if f.is_file())
-    if getattr(cause, "errno", None) != errno.ENOSPC and free >= needed:
+    needed = sum(entry["size"] for entry in checkpoints.read_manifest(committed[-1])["files"].values())
+    if not enospc and free >= needed:
         return ""
     return f" (the disk is full: {free / 1e6:.1f} MB free, the last checkpoint took {needed / 1e6:.1f} MB)"
 

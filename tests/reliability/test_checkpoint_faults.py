@@ -156,14 +156,10 @@ def test_a_fault_before_the_first_checkpoint_restarts_the_stage_cleanly(tmp_path
     spec, run = _spec(tmp_path), tmp_path / "run"
     stopped = run_driver("run", str(spec), "--run-dir", str(run), PHI4_TEST_FAULT="nan-loss:2")
     assert stopped.returncode == 4, stopped.stderr
-    assert record_steps(run) == [1]
+    assert [r["step"] for r in metrics(run / "pretrain")] == [1]
     again = run_driver("run", str(spec), "--run-dir", str(run))
     assert again.returncode == 0, again.stderr
     _assert_same_run(run, straight)
-
-
-def record_steps(run: Path) -> list[int]:
-    return [r["step"] for r in metrics(run / "pretrain")]
 
 
 # -- the manifest itself, on a small committed checkpoint (no training) -------------------------
